@@ -1,0 +1,1 @@
+"""shardtune trainer: the worker side. Reads a resolved run directory; never runs Hydra."""

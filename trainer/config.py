@@ -1,0 +1,224 @@
+"""The typed schema of a shardtune run.
+
+One dataclass per config group. The launcher registers these with Hydra (structured configs), so
+an unknown key or a wrong type is rejected while composing; `validate()` adds the cross-field
+checks. Workers never run Hydra: they read the resolved `config.yaml` of a run directory back into
+these same dataclasses with `load_run_config()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face folder, a .gguf file, or "builtin:<name>" for a model whose architecture
+    # ships in the repo (configs/model/builtin/<name>.json) and whose tokenizer is built locally.
+    name_or_path: str = "builtin:tiny-llama"
+    gguf_file: Optional[str] = None  # file name inside name_or_path, when loading from GGUF
+    family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None  # "chatml" or a Jinja template; None keeps the tokenizer's
+    activation_checkpointing: str = "none"  # none | full | selective
+    compile: bool = False
+    frozen_modules: List[str] = field(default_factory=list)  # full FT: name patterns kept frozen
+    init_seed: Optional[int] = None  # builtin models: seed of the random init (default: run seed)
+    cache_dir: Optional[str] = None  # where converted models (GGUF -> HF) are kept
+
+
+@dataclass
+class DataConfig:
+    train_files: List[str] = field(default_factory=list)
+    eval_files: List[str] = field(default_factory=list)
+    weights: List[float] = field(default_factory=list)  # mixing weights, one per train file
+    eval_fraction: float = 0.0  # held-out fraction when no eval_files
+    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion | text
+    fields: Dict[str, str] = field(default_factory=dict)  # rename source fields, e.g. {messages: chat}
+    loss_on: str = "assistant"  # assistant | all | last_turn
+    max_seq_len: int = 512
+    length_policy: str = "truncate"  # truncate | drop
+    packing: bool = False
+    on_error: str = "strict"  # strict | skip
+    num_proc: int = 1
+    cache_dir: Optional[str] = None  # default: <run.dir>/../.cache/data, shared by runs
+    streaming: bool = False
+    shuffle: bool = True
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"  # none | lora | dora | ia3 | prefix_tuning
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    use_rslora: bool = False
+    modules_to_save: List[str] = field(default_factory=list)
+    num_virtual_tokens: int = 16  # prefix tuning
+    quantize_4bit: bool = False  # QLoRA, GPU only
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    overlap_comm: Optional[bool] = None  # None: derived (on for GPU)
+    contiguous_gradients: bool = True
+    reduce_bucket_size: Optional[int] = None  # None: DeepSpeed's default
+    allgather_bucket_size: Optional[int] = None
+    stage3_prefetch_bucket_size: Optional[int] = None
+    stage3_param_persistence_threshold: Optional[int] = None
+    stage3_max_live_parameters: Optional[int] = None
+    zero_hpz_partition_size: int = 1  # ZeRO++ hpZ
+    zero_quantized_weights: bool = False  # ZeRO++ qwZ
+    zero_quantized_gradients: bool = False  # ZeRO++ qgZ
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged last into ds_config.json
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw (torch), fused_adam / cpu_adam (DeepSpeed ops)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 2
+    grad_accum: int = 1
+    global_batch_size: Optional[int] = None  # if set: must equal micro x accum x world size
+    log_every: int = 1
+    max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
+    deterministic: bool = True
+    fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: nan_at_step, ...
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the start (baseline) and the end
+    baseline: bool = True
+    max_batches: int = 0  # 0: the whole eval split
+    general_files: List[str] = field(default_factory=list)  # text the model should not forget
+    prompts: List[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    retention_threshold: float = 0.05  # flag when general eval loss worsens by more than this
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 50
+    keep_last: int = 2
+    save_final: bool = True
+    export_final: bool = True  # write an HF model / adapter to <run.dir>/export at the end
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    time: str = "01:00:00"
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    exclusive: bool = False
+    signal_seconds: int = 120  # --signal=B:USR1@N before the time limit
+    max_requeues: int = 3
+    extra_sbatch: List[str] = field(default_factory=list)
+    setup: List[str] = field(default_factory=list)  # shell lines run before launching (modules, venv)
+    template: str = "slurm/job.sbatch.j2"
+    submit: bool = True  # False: write the script and print it (dry run)
+    preflight: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    backend: str = "local"  # local | slurm | hostfile
+    nnodes: int = 1
+    nproc_per_node: int = 2
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Optional[int] = None  # None: a free port (local) or derived from the job id (slurm)
+    hostfile: Optional[str] = None
+    no_ssh: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
+    timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
+    heartbeat_timeout_s: int = 120
+    env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "none"  # wandb | none
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "shardtune"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    name: str = MISSING
+    launch: str = "spawn"  # spawn | print (write the run dir, print the worker commands) | dry_run
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 1234
+    resume: str = "auto"  # auto | never | <path to a checkpoint folder>
+    experiment: Optional[str] = None  # name of the experiment preset, informational
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def to_config(node: Any) -> RootConfig:
+    """Bind a DictConfig (or plain dict) to the schema, rejecting unknown keys and wrong types."""
+    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+    return OmegaConf.to_object(merged)
+
+
+def load_run_config(run_dir: str | Path) -> RootConfig:
+    """Read `<run_dir>/config.yaml`, as the launcher resolved it, into typed objects."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no resolved config; is {run_dir} a shardtune run directory?")
+    return to_config(OmegaConf.load(path))
+
+
+def save_run_config(cfg: RootConfig, run_dir: str | Path) -> Path:
+    path = Path(run_dir) / CONFIG_FILE
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+    return path
