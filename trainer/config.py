@@ -17,7 +17,8 @@ from omegaconf import MISSING, OmegaConf
 @dataclass
 class ModelConfig:
     # A local Hugging Face folder, a .gguf file, or "builtin:<name>" for a model whose architecture
-    # ships in the repo (configs/model/builtin/<name>.json) and whose tokenizer is built locally.
+    # ships in the repo (trainer/builtin/<name>/: config and a tokenizer built by
+    # scripts/build_tiny_tokenizer.py); its weights are a seeded random init.
     name_or_path: str = "builtin:tiny-llama"
     gguf_file: Optional[str] = None  # file name inside name_or_path, when loading from GGUF
     family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm

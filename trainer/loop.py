@@ -1,0 +1,220 @@
+"""The training loop: one, explicit, for full fine-tuning and every peft method alike.
+
+    resume -> baseline eval -> while step < max_steps: train_step; log; maybe eval; maybe save
+                                                       stop request -> save -> exit "resume me"
+
+The loss is a mean over every trained token of the global batch (not a mean of per-micro-batch
+means), so one rank with 8 samples per micro-batch and two ranks with 4 compute the same update.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint
+from trainer.config import RootConfig
+from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
+from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
+from trainer.data.render import IGNORE
+from trainer.distributed import DistInfo, sum_across_ranks
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # trained (label) tokens over all ranks
+    nonfinite_streak: int = 0
+    skipped_steps: List[int] = field(default_factory=list)
+
+    def to_dict(self, sampler: GlobalBatchSampler, world_size: int) -> Dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_streak": self.nonfinite_streak,
+                "skipped_steps": self.skipped_steps, "data": sampler.state_dict(self.step),
+                "world_size": world_size, "global_batch": sampler.global_batch}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LoopState":
+        return cls(step=d["step"], tokens_seen=d["tokens_seen"], nonfinite_streak=d.get("nonfinite_streak", 0),
+                   skipped_steps=list(d.get("skipped_steps", [])))
+
+
+@dataclass
+class TrainContext:
+    cfg: RootConfig
+    info: DistInfo
+    run_dir: Path
+    engine: Any
+    tokenizer: Any
+    train_set: TokenizedDataset
+    eval_set: Optional[TokenizedDataset]
+    sampler: GlobalBatchSampler
+    sinks: Any
+    stop: StopRequest
+    heartbeat: Heartbeat
+    log: Any = print
+    evaluator: Any = None  # callable(ctx, step) -> None; default: loss/perplexity only
+    on_finish: Any = None  # callable(ctx) -> None, e.g. the final export
+
+
+def sum_cross_entropy(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum (not mean) of the next-token loss over the label tokens of a micro-batch, in fp32."""
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = engine(**kwargs, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _injected_fault(cfg: RootConfig, step: int, rank: int) -> float:
+    """Tests inject faults through train.fault_injection; 1.0 means no fault."""
+    faults = cfg.train.fault_injection
+    if faults.get("nan_at_step") is not None and step in _as_list(faults["nan_at_step"]):
+        if faults.get("nan_rank") in (None, rank):
+            return float("nan")
+    return 1.0
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) else [value]
+
+
+def _set_lr_to_zero(engine) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+
+
+def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
+    """One optimizer step over grad_accum micro-batches; returns what was measured."""
+    cfg, info, engine = ctx.cfg, ctx.info, ctx.engine
+    started = time.perf_counter()
+    global_tokens = sum(ctx.train_set.label_tokens(i) for i in ctx.sampler.global_indices(step))
+    scale = info.world_size * cfg.train.grad_accum / global_tokens  # undo DeepSpeed's mean over ranks and accum
+    pad_id = ctx.tokenizer.pad_token_id
+    local_sum, local_nonfinite = 0.0, False
+    micro_batches = ctx.sampler.micro_batches(step)
+    for accum, indices in enumerate(micro_batches):
+        batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
+        ctx.heartbeat.beat(step, "forward")
+        sum_ce = sum_cross_entropy(engine, batch) * _injected_fault(cfg, step, info.rank)
+        finite = bool(torch.isfinite(sum_ce))
+        local_nonfinite |= not finite
+        local_sum += sum_ce.item() if finite else 0.0
+        ctx.heartbeat.beat(step, "backward")
+        # A non-finite loss backpropagates as zero (nan_to_num's gradient is 0 there), which keeps every
+        # rank's collectives in step; the update itself is then cancelled below.
+        engine.backward(torch.nan_to_num(sum_ce * scale, nan=0.0, posinf=0.0, neginf=0.0))
+        if accum == len(micro_batches) - 1:
+            total, nonfinite_any, stop_any = sum_across_ranks(
+                [local_sum, float(local_nonfinite), float(ctx.stop.requested())], info.device)
+            if nonfinite_any:
+                _set_lr_to_zero(engine)  # skip this update on every rank
+        ctx.heartbeat.beat(step, "optimizer")
+        engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    return {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
+            "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, float]:
+    """Exact token-averaged loss over a dataset, sharded over ranks.
+
+    Every rank runs the same number of forward passes (under ZeRO-3 each one gathers parameters
+    collectively); a rank whose shard ran out runs a throwaway batch that counts for nothing.
+    """
+    info, mbs = ctx.info, ctx.cfg.train.micro_batch_size
+    shard = list(range(info.rank, len(dataset), info.world_size))
+    per_rank = math.ceil(len(dataset) / info.world_size)
+    limit = ctx.cfg.eval.max_batches
+    n_batches = math.ceil(per_rank / mbs) if not limit else min(limit, math.ceil(per_rank / mbs))
+    ctx.engine.eval()
+    local_sum, local_tokens = 0.0, 0
+    for b in range(n_batches):
+        indices = shard[b * mbs:(b + 1) * mbs]
+        batch = _to_device(collate([dataset[i] for i in (indices or [0])], ctx.tokenizer.pad_token_id), info.device)
+        sum_ce = sum_cross_entropy(ctx.engine, batch)
+        if indices:
+            local_sum += sum_ce.item()
+            local_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+    ctx.engine.train()
+    total, tokens = sum_across_ranks([local_sum, float(local_tokens)], info.device)
+    loss = total / max(tokens, 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+
+
+def default_evaluator(ctx: TrainContext, step: int) -> None:
+    if ctx.eval_set is None or len(ctx.eval_set) == 0:
+        return
+    ctx.heartbeat.beat(step, "eval")
+    result = evaluate_loss(ctx, ctx.eval_set)
+    ctx.sinks.log({"kind": "eval", "step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"],
+                   "eval_tokens": result["tokens"]})
+
+
+def _save(ctx: TrainContext, state: LoopState) -> None:
+    ctx.heartbeat.beat(state.step, "checkpoint")
+    started = time.perf_counter()
+    folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, state.to_dict(ctx.sampler, ctx.info.world_size),
+                             ctx.info, ctx.cfg.checkpoint.keep_last)
+    ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.1f}s")
+
+
+def _train_record(state: LoopState, result: Dict[str, Any], lr: float) -> Dict[str, Any]:
+    return {"kind": "train", "step": state.step, "loss": None if result["nonfinite"] else result["loss"],
+            "lr": lr, "grad_norm": None if not math.isfinite(result["grad_norm"]) else result["grad_norm"],
+            "tokens": state.tokens_seen, "step_tokens": result["tokens"],
+            "tokens_per_s": result["tokens"] / result["seconds"], "step_time_s": result["seconds"],
+            "skipped": result["nonfinite"], "time": time.time()}
+
+
+def train(ctx: TrainContext, state: LoopState) -> int:
+    """Run until max_steps or a stop request; return the process exit code."""
+    cfg = ctx.cfg
+    evaluator = ctx.evaluator or default_evaluator
+    if state.step == 0 and cfg.eval.baseline:
+        evaluator(ctx, 0)
+    last_saved = state.step
+    while state.step < cfg.train.max_steps:
+        lr = ctx.engine.get_lr()[0]
+        result = train_step(ctx, state.step)
+        state.step += 1
+        state.tokens_seen += result["tokens"]
+        if result["nonfinite"]:
+            state.nonfinite_streak += 1
+            state.skipped_steps.append(state.step)
+            ctx.log(f"step {state.step}: non-finite loss on at least one rank; update skipped "
+                    f"({state.nonfinite_streak} in a row, limit {cfg.train.max_nonfinite_steps})")
+            if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                ctx.log(f"aborting: {state.nonfinite_streak} non-finite steps in a row (last step {state.step}); "
+                        "lower optim.lr, check the data, or resume from the last checkpoint")
+                return EXIT_NONFINITE
+        else:
+            state.nonfinite_streak = 0
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            ctx.sinks.log(_train_record(state, result, lr))
+        if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
+            evaluator(ctx, state.step)
+        if result["stop"]:
+            _save(ctx, state)
+            ctx.log(f"stopped at step {state.step} ({ctx.stop.reason()}); checkpoint saved, resume to continue")
+            return EXIT_RESUME_ME
+        if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            _save(ctx, state)
+            last_saved = state.step
+    evaluator(ctx, state.step)
+    if cfg.checkpoint.save_final and last_saved != state.step:
+        _save(ctx, state)
+    if ctx.on_finish is not None:
+        ctx.on_finish(ctx)
+    return EXIT_OK

@@ -1,0 +1,152 @@
+"""Where metrics go. Rank 0 gets real sinks; every other rank gets one that does nothing.
+
+Sinks share one small protocol (`log`, `log_table`, `close`), so the loop never asks which are on.
+`metrics.jsonl` holds one JSON object per line: training steps have `"kind": "train"`, evaluations
+`"kind": "eval"`; every line has `step`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Protocol
+
+from trainer.config import RootConfig
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+class MetricSink(Protocol):
+    def log(self, record: Dict[str, Any]) -> None: ...
+    def log_table(self, name: str, step: int, rows: List[Dict[str, Any]]) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullSink:
+    def log(self, record): pass
+    def log_table(self, name, step, rows): pass
+    def close(self): pass
+
+
+class JsonlSink:
+    """Appends to metrics.jsonl; on resume, lines from steps after the checkpoint are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.handle = open(path, "a")
+
+    def log(self, record):
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def log_table(self, name, step, rows):
+        with open(self.path.with_name(f"{name}.jsonl"), "a") as handle:
+            for row in rows:
+                handle.write(json.dumps({"step": step, **row}) + "\n")
+
+    def close(self):
+        self.handle.close()
+
+
+class ProgressBar:
+    """One line on stderr per logged step: step, loss, tokens/s and ETA."""
+
+    def __init__(self, max_steps: int, start_step: int):
+        self.max_steps, self.start_step, self.started = max_steps, start_step, time.time()
+
+    def log(self, record):
+        if record.get("kind") != "train":
+            if record.get("kind") == "eval":
+                print(f"[eval step {record['step']}] loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}",
+                      file=sys.stderr, flush=True)
+            return
+        step = record["step"]
+        done = step - self.start_step
+        eta = (time.time() - self.started) / max(done, 1) * (self.max_steps - step)
+        width = 24
+        filled = int(width * step / self.max_steps)
+        print(f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.max_steps} loss {record['loss']:.4f} "
+              f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def log_table(self, name, step, rows): pass
+    def close(self): pass
+
+
+def public_config(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The config without any value whose key looks like a secret (W&B config, logs)."""
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: ("<redacted>" if SECRET_KEY.search(str(k)) else scrub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+    return scrub(cfg_dict)
+
+
+class WandbSink:
+    """W&B on rank 0. The run id lives in the run directory, so a resumed run logs to the same run."""
+
+    def __init__(self, cfg: RootConfig, cfg_dict: Dict[str, Any], run_dir: Path):
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = wandb.util.generate_id()
+            id_file.write_text(run_id)
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                              tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
+                              dir=str(run_dir), mode=cfg.logger.mode, config=public_config(cfg_dict))
+        self.last_step = self.run.step if self.run is not None else 0
+
+    def log(self, record):
+        data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+        step = record["step"]
+        self.run.log(data, step=step)
+
+    def log_table(self, name, step, rows):
+        if rows:
+            table = self.wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            self.run.log({name: table}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class Sinks:
+    """Fan out to several sinks."""
+
+    def __init__(self, sinks: List[MetricSink]):
+        self.sinks = sinks
+
+    def log(self, record):
+        for sink in self.sinks:
+            sink.log(record)
+
+    def log_table(self, name, step, rows):
+        for sink in self.sinks:
+            sink.log_table(name, step, rows)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
+
+
+def build_sinks(cfg: RootConfig, cfg_dict: Dict[str, Any], run_dir: Path, is_main: bool, resume_step: int) -> Sinks:
+    if not is_main:
+        return Sinks([NullSink()])
+    sinks: List[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl", resume_step),
+                               ProgressBar(cfg.train.max_steps, resume_step)]
+    if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        sinks.append(WandbSink(cfg, cfg_dict, run_dir))
+    return Sinks(sinks)

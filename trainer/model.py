@@ -1,0 +1,104 @@
+"""Build the tokenizer and the model (+ peft) from the `model` and `peft` config nodes.
+
+Under ZeRO-3 a `HfDeepSpeedConfig` is kept alive while the model is built, so transformers
+creates it inside `deepspeed.zero.Init`: every parameter is partitioned as it is made and a
+model larger than one device never materialises whole on one rank.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from trainer.config import ModelConfig, PeftConfig
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dir(cfg: ModelConfig) -> Path:
+    """The local folder holding the model's config and tokenizer (converting GGUF once if needed)."""
+    name = cfg.name_or_path
+    if name.startswith("builtin:"):
+        path = BUILTIN_DIR / name.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.name_or_path={name!r}: no builtin model at {path}")
+        return path
+    from trainer.pretrained import resolve_model_dir
+
+    return resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir)
+
+
+def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+def build_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from trainer.templates import apply_template_override
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(cfg), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    apply_template_override(tokenizer, cfg.chat_template)
+    return tokenizer
+
+
+def _create(cfg: ModelConfig, dtype: torch.dtype, seed: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_dir(cfg)
+    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    if cfg.name_or_path.startswith("builtin:"):
+        config = AutoConfig.from_pretrained(path, **common)
+        # The same seed on every rank gives the same random init whatever the world size.
+        torch.manual_seed(cfg.init_seed if cfg.init_seed is not None else seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+
+
+def freeze_modules(model, patterns) -> int:
+    """Freeze parameters whose name matches any glob pattern; returns how many tensors were frozen."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatch(name, p) or p in name for p in patterns):
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
+def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any], on_gpu: bool, seed: int):
+    """The model ready for `deepspeed.initialize`: created (partitioned under ZeRO-3), peft applied."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    dtype = resolve_dtype(cfg, on_gpu)
+    # Must stay referenced while the model is built: transformers checks it to enter zero.Init.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    model = _create(cfg, dtype, seed)
+    model.config.use_cache = False  # a KV cache would defeat the packed-document attention isolation
+    if cfg.activation_checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if peft_cfg.method != "none":
+        from trainer.peft_methods import apply_peft
+
+        model = apply_peft(model, peft_cfg, cfg.family)
+    elif cfg.frozen_modules:
+        freeze_modules(model, cfg.frozen_modules)
+    del hf_ds_config
+    return model
+
+
+def count_parameters(model) -> Tuple[int, int]:
+    """(trainable, total), using the full shapes of ZeRO-3 partitioned parameters."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,127 @@
+"""A worker's whole life: read the run directory, build every part from its config node, train.
+
+`python -m trainer --run-dir D` under any launcher (ours, `deepspeed`, `torchrun`, `srun`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import checkpoint
+from trainer.config import RootConfig, load_run_config
+from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers
+from trainer.distributed import DistInfo, init_distributed, shutdown
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_ds_config(run_dir: Path, cfg: RootConfig, info: DistInfo) -> dict:
+    """The launcher's ds_config.json, checked against this launch's world size."""
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    if ds_config["train_batch_size"] != cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size:
+        raise SystemExit(
+            f"{run_dir / 'ds_config.json'} was written for a world size of "
+            f"{ds_config['train_batch_size'] // (cfg.train.micro_batch_size * cfg.train.grad_accum)} ranks but "
+            f"this launch has {info.world_size}; write the run directory for this world size with "
+            f"`shardtune train run.dir={run_dir} cluster.nproc_per_node=... run.launch=print`")
+    return ds_config
+
+
+def make_logger(info: DistInfo):
+    def log(message: str) -> None:
+        if info.is_main:
+            print(f"[shardtune] {message}", file=sys.stderr, flush=True)
+    return log
+
+
+def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
+    """Build tokenizer, data, model, engine, sinks; resume if asked. Returns (context, loop state)."""
+    import deepspeed
+    from omegaconf import OmegaConf
+
+    from trainer.data import GlobalBatchSampler, build_datasets
+    from trainer.loop import LoopState, TrainContext
+    from trainer.metrics import build_sinks
+    from trainer.model import build_model, build_tokenizer, count_parameters
+    from trainer.optim import build_optimizer, build_scheduler
+
+    log = make_logger(info)
+    ds_config = load_ds_config(run_dir, cfg, info)
+    tokenizer = build_tokenizer(cfg.model)
+    train_set, eval_set = build_datasets(cfg.data, tokenizer)
+    log(f"data: {len(train_set)} train samples, {len(eval_set) if eval_set else 0} eval samples, "
+        f"{train_set.truncated} truncated, skipped {dict(train_set.skipped) or 'none'}")
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                 info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
+    model = build_model(cfg.model, cfg.peft, ds_config, info.on_gpu, cfg.seed)
+    trainable, total = count_parameters(model)
+    log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config, dist_init_required=False)
+    state = LoopState()
+    resume_from = find_resume(run_dir, cfg, log)
+    if resume_from is not None:
+        state = LoopState.from_dict(checkpoint.load(engine, resume_from, info))
+        log(f"resumed from {resume_from} at step {state.step}")
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
+    ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
+                       train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
+                       stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log)
+    return ctx, state
+
+
+def find_resume(run_dir: Path, cfg: RootConfig, log):
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        folder = Path(cfg.resume)
+        problem = checkpoint.verify(folder)
+        if problem:
+            raise SystemExit(f"resume={cfg.resume}: {problem}")
+        return folder
+    return checkpoint.find_resume_checkpoint(checkpoint.checkpoint_root(run_dir), log=log)
+
+
+def write_exit(run_dir: Path, info: DistInfo, code: int, detail: str = "") -> None:
+    if info.is_main:
+        control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        (control_dir(run_dir) / "exit.json").write_text(json.dumps({"code": code, "detail": detail}))
+
+
+def main(run_dir: str) -> int:
+    run_dir = Path(run_dir).resolve()
+    cfg = load_run_config(run_dir)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    info = init_distributed(cfg.cluster.device, cfg.cluster.timeout_s)
+    from trainer.loop import train
+
+    try:
+        ctx, state = build_context(run_dir, cfg, info)
+        code = train(ctx, state)
+        ctx.sinks.close()
+    except Exception as err:  # report why, and which rank looks stuck, then fail
+        detail = f"rank {info.rank}: {type(err).__name__}: {err}"
+        if "timed out" in str(err).lower() or "timeout" in type(err).__name__.lower():
+            detail += "\n" + describe_stragglers(run_dir)
+        print(f"[shardtune] {detail}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        write_exit(run_dir, info, EXIT_FAILED, detail)
+        os._exit(EXIT_FAILED)  # do not wait in collectives that will never complete
+    write_exit(run_dir, info, code)
+    shutdown()
+    return code
