@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 @dataclass
@@ -19,7 +20,7 @@ class ModelConfig:
     # A local Hugging Face folder, a .gguf file, or "builtin:<name>" for a model whose architecture
     # ships in the repo (trainer/builtin/<name>/: config and a tokenizer built by
     # scripts/build_tiny_tokenizer.py); its weights are a seeded random init.
-    name_or_path: str = "builtin:tiny-llama"
+    name_or_path: str = MISSING  # the model group's preset sets it (model=tiny_llama by default)
     gguf_file: Optional[str] = None  # file name inside name_or_path, when loading from GGUF
     family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -205,10 +206,25 @@ class RootConfig:
 CONFIG_FILE = "config.yaml"
 
 
+class ConfigError(ValueError):
+    """A config that cannot run. `problems` lists every issue found, each naming its key."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def to_config(node: Any) -> RootConfig:
     """Bind a DictConfig (or plain dict) to the schema, rejecting unknown keys and wrong types."""
-    merged = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
-    return OmegaConf.to_object(merged)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RootConfig), node)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        message = str(err).split("\n")[0]
+        if "issing mandatory value" in message:
+            message = "no value given; set it on the command line, e.g. " + f"{key}=..."
+        raise ConfigError([f"{key}: {message}" if key else message]) from None
 
 
 def load_run_config(run_dir: str | Path) -> RootConfig:

