@@ -80,6 +80,20 @@ def _task(node: DictConfig) -> int:
     return code
 
 
+def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
+    """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
+
+    For the subcommands that need a config but no run (preflight, data preview, bench).
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
+        node = hydra_compose(config_name="config", overrides=list(overrides))
+    cfg = to_config(node)
+    return validate(cfg, has_cuda=has_cuda(cfg), check_files=validate_files)
+
+
 def train_main(argv: List[str]) -> int:
     """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
     register()
