@@ -23,6 +23,7 @@ from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, 
 from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
 from trainer.data.render import IGNORE
 from trainer.distributed import DistInfo, sum_across_ranks
+from trainer.timing import lap
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainContext:
     log: Any = print
     evaluator: Any = None  # callable(ctx, step) -> None; default: loss/perplexity only
     on_finish: Any = None  # callable(ctx) -> None, e.g. the final export
+    timer: Any = None  # trainer.timing.PhaseTimer when train.timing=true (shardtune bench)
 
 
 def sum_cross_entropy(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,26 +106,35 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     micro_batches = ctx.sampler.micro_batches(step)
     for accum, indices in enumerate(micro_batches):
         batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
+        lap(ctx.timer, "data", batch)
         ctx.heartbeat.beat(step, "forward")
         sum_ce = sum_cross_entropy(engine, batch) * _injected_fault(cfg, step, info.rank)
         finite = bool(torch.isfinite(sum_ce))
         local_nonfinite |= not finite
         local_sum += sum_ce.item() if finite else 0.0
+        lap(ctx.timer, "forward")
         ctx.heartbeat.beat(step, "backward")
         # A non-finite loss backpropagates as zero (nan_to_num's gradient is 0 there), which keeps every
         # rank's collectives in step; the update itself is then cancelled below.
         engine.backward(torch.nan_to_num(sum_ce * scale, nan=0.0, posinf=0.0, neginf=0.0))
+        lap(ctx.timer, "backward")
         if accum == len(micro_batches) - 1:
+            stop_local = ctx.stop.requested() or step + 1 == cfg.train.fault_injection.get("stop_at_step")
             total, nonfinite_any, stop_any = sum_across_ranks(
-                [local_sum, float(local_nonfinite), float(ctx.stop.requested())], info.device)
+                [local_sum, float(local_nonfinite), float(stop_local)], info.device)
             if nonfinite_any:
                 _set_lr_to_zero(engine)  # skip this update on every rank
+            lap(ctx.timer, "loss_allreduce")
         ctx.heartbeat.beat(step, "optimizer")
         engine.step()
+        lap(ctx.timer, "optimizer")
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    return {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
-            "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
+    result = {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
+              "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
+    if ctx.timer is not None:
+        ctx.timer.step_end(step, result)
+    return result
 
 
 @torch.no_grad()
