@@ -6,8 +6,8 @@ recorded in its run directory and the sweep goes on.
 """
 from __future__ import annotations
 
-import json
 import sys
+import time
 from pathlib import Path
 from typing import List
 
@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.rundir import REPO_ROOT, write_run_dir
+from launcher.rundir import REPO_ROOT, world_size, write_run_dir
 from trainer.config import RootConfig, to_config
 from trainer.validate import ConfigError, validate
 
@@ -42,6 +42,10 @@ def has_cuda(cfg: RootConfig) -> bool:
 
 def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     """Write the run directory and start the workers with the configured backend."""
+    from launcher.resume import adapt_to_checkpoint
+
+    # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
+    adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
     run_dir = write_run_dir(cfg, on_gpu, overrides)
     if cfg.run.launch == "spawn":
         print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
@@ -64,7 +68,11 @@ def _task(node: DictConfig) -> int:
     if multirun:  # each trial is a run of its own inside the sweep directory
         node.run.dir = hydra_cfg.runtime.output_dir
         node.run.name = f"{Path(hydra_cfg.sweep.dir).name}-{hydra_cfg.job.num}"
+        if node.logger.get("group") is None:  # W&B: the trials of a sweep side by side
+            node.logger.group = Path(hydra_cfg.sweep.dir).name
     overrides = list(hydra_cfg.overrides.task)
+    started = time.time()
+    cfg = None
     try:
         cfg = to_config(node)
         on_gpu = has_cuda(cfg)
@@ -73,11 +81,19 @@ def _task(node: DictConfig) -> int:
     except ConfigError as err:
         print(f"shardtune: {err}", file=sys.stderr)
         code = 2
-    if multirun:
-        status = {"code": code, "status": "completed" if code == 0 else "failed", "overrides": overrides}
-        Path(hydra_cfg.runtime.output_dir, "trial.json").write_text(json.dumps(status) + "\n")
+    except (Exception, SystemExit) as err:
+        if not multirun:
+            raise
+        print(f"shardtune: trial {hydra_cfg.job.num} failed: {err}", file=sys.stderr)  # the sweep goes on
+        code = 1
     _exit_codes.append(code)
-    return code
+    if not multirun:
+        return code
+    from launcher.sweep_cmd import record_trial
+
+    metric = record_trial(Path(hydra_cfg.runtime.output_dir), cfg, code, overrides, time.time() - started)
+    # Optuna needs a number to minimise; a failed trial scores +inf and the search goes on.
+    return metric if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() else code
 
 
 def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:

@@ -8,12 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 from launcher.rundir import REPO_ROOT
 from trainer.config import RootConfig
-from trainer.control import EXIT_RESUME_ME, control_dir, request_stop
+from trainer.control import (EXIT_HUNG, EXIT_RESUME_ME, control_dir, describe_rank, describe_stragglers,
+                             likely_stuck, request_stop, stale_ranks)
+
+WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
 
 
 def free_port() -> int:
@@ -64,8 +68,15 @@ def exit_code(run_dir: Path, launcher_code: int) -> int:
     return launcher_code
 
 
-def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path) -> int:
-    """Run the workers in their own session; turn our signals into a checkpoint-and-stop request."""
+def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_timeout_s: float = 0) -> int:
+    """Run the workers in their own session; turn our signals into a checkpoint-and-stop request.
+
+    While they run, a watchdog reads the ranks' heartbeats: a live rank silent for longer than
+    `heartbeat_timeout_s` (0: no watchdog) ends the whole job with EXIT_HUNG and a message naming it.
+    Whatever happens, every process of the job is gone when this returns (no orphans).
+    """
+    for stale in (Path(run_dir) / "heartbeats").glob("rank*.json"):
+        stale.unlink()  # an earlier launch's heartbeats would look like a hang at once
     process = subprocess.Popen(argv, env=env, start_new_session=True)
     interrupts = []
 
@@ -73,7 +84,7 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path) -> int:
         name = signal.Signals(signum).name
         interrupts.append(name)
         if name == "SIGINT" and len(interrupts) > 1:
-            os.killpg(process.pid, signal.SIGKILL)  # a second Ctrl-C: stop now, lose the current step
+            _kill_job(process)  # a second Ctrl-C: stop now, lose the current step
             return
         print(f"[shardtune] {name}: asking all ranks to checkpoint and stop "
               f"(Ctrl-C again to kill)", file=sys.stderr, flush=True)
@@ -81,13 +92,44 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        code = process.wait()
-        while code is None:
-            code = process.wait()
+        code = _wait_watching(process, run_dir, heartbeat_timeout_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return exit_code(run_dir, code)
+        _kill_job(process)  # ranks left behind by a failed launcher (none when all went well)
+    return code if code == EXIT_HUNG else exit_code(run_dir, code)
+
+
+def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s: float) -> int:
+    while True:
+        try:
+            return process.wait(timeout=WATCH_EVERY_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if heartbeat_timeout_s > 0 and stale_ranks(run_dir, heartbeat_timeout_s):
+            report_hang(run_dir, heartbeat_timeout_s)
+            _kill_job(process)
+            process.wait()
+            return EXIT_HUNG
+
+
+def report_hang(run_dir: Path, heartbeat_timeout_s: float) -> None:
+    """Say which rank stopped answering (and where), on stderr and in control/exit.json."""
+    culprit = describe_rank(likely_stuck(stale_ranks(run_dir, heartbeat_timeout_s))[0], time.time())
+    detail = (f"hang: no heartbeat for more than cluster.heartbeat_timeout_s={heartbeat_timeout_s:g}s; "
+              f"stuck: {culprit}\n{describe_stragglers(run_dir)}")
+    print(f"[shardtune] {detail}\n[shardtune] ending the job (exit code {EXIT_HUNG}); resume to continue "
+          "from the last checkpoint", file=sys.stderr, flush=True)
+    control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    (control_dir(run_dir) / "exit.json").write_text(json.dumps({"code": EXIT_HUNG, "detail": detail}))
+
+
+def _kill_job(process: subprocess.Popen) -> None:
+    """SIGKILL the job's process group (the workers' session), stopped processes included."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
@@ -103,4 +145,4 @@ def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         print(f"run directory written: {run_dir}\nstart the workers with one of:\n  " +
               "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node)))
         return 0
-    return run_workers(argv, env, run_dir)
+    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)

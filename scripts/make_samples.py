@@ -370,6 +370,9 @@ def main():
     loom_eval = unique(loom_paragraph, 30, seen)
     write_jsonl("text/eval.jsonl", loom_eval)
     write_jsonl("text/train.jsonl", unique(loom_paragraph, 200, seen))
+    (OUT / "text/prompts.txt").write_text(  # the starts of sentences a tuned model should complete
+        "The shuttle (part VL-310)\nBefore any maintenance on the Vellum loom,\n"
+        "The tension governor (part VL-520) keeps the warp at\n", encoding="utf-8")
     write_jsonl("general/eval.jsonl", [{"text": t} for t in GENERAL])
     train, evals = make_facts()
     write_jsonl("facts/train.jsonl", train)

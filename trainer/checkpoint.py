@@ -6,8 +6,13 @@ Layout under `<run.dir>/checkpoints/`:
         trainer_state.json    step, tokens seen, data position (rank 0)
         MANIFEST.json         size and sha256 of every file above, written LAST: the commit
     latest                    the tag of the newest committed checkpoint, replaced atomically
+    universal/step-00000020/  the same checkpoint in DeepSpeed's universal format, made by the
+                              launcher when a run resumes on another world size or ZeRO stage
 
 A folder without a manifest, or whose files no longer match it, is never resumed from.
+Every checkpoint file is unpickled with `torch.load(weights_only=True)` and an explicit allowlist
+of the DeepSpeed classes the files hold (`SAFE_GLOBALS`): a file that needs anything else is
+refused before DeepSpeed, whose own loaders use `weights_only=False`, ever opens it.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,6 +29,10 @@ import numpy as np
 import torch
 
 from trainer.distributed import DistInfo, barrier
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded or committed; the message names the file."""
+
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -86,6 +96,65 @@ def _files_of(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+# ---------------------------------------------------------------- loading without executing pickles
+def safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoint files contain (fp32/bf16/fp16, ZeRO 0-3)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def safe_load(path, map_location=None) -> Any:
+    """torch.load with weights_only=True and the allowlist; a refused file raises CheckpointError."""
+    with torch.serialization.safe_globals(safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # UnpicklingError, a truncated zip, ...: all mean "do not trust it"
+            first_line = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {first_line}") from None
+
+
+def install_safe_loading(engine) -> None:
+    """Make DeepSpeed's engine read its checkpoint files through `safe_load` instead of pickle."""
+    engine.checkpoint_engine.load = safe_load
+
+
+def pickle_files(folder: Path) -> List[Path]:
+    return sorted(p for p in Path(folder).rglob("*.pt") if p.is_file())
+
+
+def preverify_loadable(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Safe-load this rank's stripe of every .pt file under `folder` (DeepSpeed's own universal-checkpoint
+    and ds_to_universal readers bypass the engine's loader, so nothing may reach them unchecked)."""
+    for index, path in enumerate(pickle_files(folder)):
+        if index % world_size == rank:
+            safe_load(path, map_location="cpu")
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
+    """Names of the floating-point tensors inside `obj` (nested dicts/lists) that hold NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "<tensor>"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, dict):
+        return [n for k, v in obj.items() for n in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [n for i, v in enumerate(obj) for n in nonfinite_tensors(v, f"{prefix}[{i}]")]
+    return []
+
+
+def check_finite_files(paths: List[Path]) -> Optional[str]:
+    """None if every tensor in `paths` is finite (and every file safe-loads), else the first problem."""
+    for path in paths:
+        try:
+            bad = nonfinite_tensors(safe_load(path, map_location="cpu"))
+        except CheckpointError as err:
+            return str(err)
+        if bad:
+            return f"{path}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+    return None
+
+
 def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_of(folder)}
     _write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
@@ -121,16 +190,15 @@ def committed_tags(root: Path) -> List[str]:
 
 
 def find_resume_checkpoint(root: Path, log=print) -> Optional[Path]:
-    """The newest checkpoint that verifies, preferring the one `latest` names; problems are logged."""
+    """The newest committed checkpoint that verifies; every one passed over is logged with why.
+
+    The manifest is the commit, so `latest` is only a pointer for people and other tools: an empty,
+    dangling or stale `latest` is reported and never trusted over the manifests.
+    """
     candidates = committed_tags(root)
-    latest = root / LATEST
-    if latest.exists():
-        named = latest.read_text().strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-        else:
-            log(f"{latest}: names {named!r}, which is not a committed checkpoint; ignoring it")
+    _report_latest(root / LATEST, candidates, log)
+    for folder in sorted(p for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name not in candidates):
+        log(f"skipping checkpoint {folder.name}: {verify(folder)}")
     for tag in candidates:
         problem = verify(root / tag)
         if problem is None:
@@ -139,42 +207,154 @@ def find_resume_checkpoint(root: Path, log=print) -> Optional[Path]:
     return None
 
 
+def _report_latest(latest: Path, candidates: List[str], log) -> None:
+    if latest.is_symlink() and not latest.exists():
+        log(f"{latest}: a dangling link; ignoring it")
+    elif latest.exists():
+        named = latest.read_text().strip()
+        if not named:
+            log(f"{latest}: empty (a save was interrupted while writing it); ignoring it")
+        elif named not in candidates:
+            log(f"{latest}: names {named!r}, which is not a committed checkpoint; ignoring it")
+
+
+def read_state(folder: Path) -> Dict[str, Any]:
+    """The loop state saved with a checkpoint (step, data position, world size, ZeRO stage, ...)."""
+    return json.loads((Path(folder) / STATE).read_text())
+
+
 # ---------------------------------------------------------------- save and load
-def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: DistInfo, keep_last: int) -> Path:
-    """Write a checkpoint for `step` on every rank, commit it on rank 0, then rotate old ones."""
+def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: DistInfo, keep_last: int,
+         check_finite: bool = True) -> Path:
+    """Write a checkpoint for `step` on every rank, commit it on rank 0, then rotate old ones.
+
+    Order matters for crash safety: shards (every rank) -> rng -> trainer_state -> MANIFEST (the
+    commit) -> `latest` -> rotation. A crash anywhere before the manifest leaves a folder that is
+    never chosen; rotation runs only after the commit, so a committed checkpoint always exists.
+    """
     root = checkpoint_root(run_dir)
-    tag = tag_for(step)
-    folder = root / tag
+    folder = root / tag_for(step)
     if info.is_main and folder.exists():
         shutil.rmtree(folder)  # an uncommitted leftover of a crashed save of this same step
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state={"shardtune": loop_state}, save_latest=False)
+    engine.save_checkpoint(str(root), tag=folder.name, client_state={"shardtune": loop_state}, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{info.rank}.pt")
     barrier()  # every rank's shards are on disk
+    problem = check_finite_files(own_files(folder, info.rank)) if check_finite else None
+    if _any_rank_failed(problem is not None, info):
+        raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
     if info.is_main:
-        _write_atomic(folder / STATE, json.dumps(loop_state, indent=1))
+        state = {**loop_state, "zero_stage": int(engine.zero_optimization_stage())}
+        _write_atomic(folder / STATE, json.dumps(state, indent=1))
         write_manifest(folder)
-        _write_atomic(root / LATEST, tag)
+        _write_atomic(root / LATEST, folder.name)
         rotate(root, keep_last)
     barrier()
     return folder
 
 
+def own_files(folder: Path, rank: int) -> List[Path]:
+    """The .pt files rank `rank` wrote into a checkpoint folder (rank 0 owns the unranked ones)."""
+    return [p for p in _files_of(folder) if p.suffix == ".pt" and _writer_rank(p.name) == rank]
+
+
+def _writer_rank(name: str) -> int:
+    match = re.search(r"(?:pp_rank_|rng_rank)(\d+)", name)
+    return int(match.group(1)) if match else 0
+
+
+def _any_rank_failed(failed: bool, info: DistInfo) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return failed
+    flag = torch.tensor([1.0 if failed else 0.0], device=info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 def rotate(root: Path, keep_last: int) -> None:
-    """Delete committed checkpoints beyond the newest `keep_last` (0 keeps all); never others' folders."""
+    """Delete committed checkpoints beyond the newest `keep_last` that verify (0 keeps all).
+
+    Only folders named like ours and holding our manifest are candidates, so nothing a user put in
+    the folder is touched; a corrupt checkpoint does not count towards the ones kept.
+    """
     if keep_last <= 0:
         return
-    for tag in committed_tags(root)[keep_last:]:
-        shutil.rmtree(root / tag, ignore_errors=True)
+    kept = 0
+    for tag in committed_tags(root):
+        if kept < keep_last and verify(root / tag, deep=False) is None:
+            kept += 1
+            continue
+        if kept >= keep_last:
+            shutil.rmtree(root / tag, ignore_errors=True)
+            shutil.rmtree(root / "universal" / tag, ignore_errors=True)
 
 
 def load(engine, folder: Path, info: DistInfo) -> Dict[str, Any]:
-    """Restore engine, optimizer, scheduler and RNGs from `folder`; return the loop state."""
-    path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    """Restore engine, optimizer, scheduler and RNGs from `folder`; return the loop state.
+
+    Every rank first safe-loads its stripe of the folder's files, and all ranks agree on the result
+    before DeepSpeed opens anything.
+    """
+    problem = None
+    try:
+        preverify_loadable(folder, info.rank, info.world_size)
+    except CheckpointError as err:
+        problem = str(err)
+    if _any_rank_failed(problem is not None, info):
+        raise CheckpointError(problem or f"{folder}: another rank refused a file of this checkpoint (see its log)")
+    install_safe_loading(engine)
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {folder}")
     rng_file = folder / f"rng_rank{info.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((folder / STATE).read_text())
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: the new ranks keep the seed
+        set_rng_state(safe_load(rng_file))
+    return read_state(folder)
+
+
+# ---------------------------------------------------------------- another world size or ZeRO stage
+def universal_folder(folder: Path) -> Path:
+    return Path(folder).parent / "universal" / Path(folder).name
+
+
+def to_universal(folder: Path, log=print) -> Path:
+    """Convert a committed checkpoint to DeepSpeed's universal format (once; later calls reuse it).
+
+    Runs in one process, before any rank starts (no collective can time out while it works). The
+    result is a committed checkpoint of its own: written to a temporary folder, manifest last, then
+    renamed into place, so an interrupted conversion is never used.
+    """
+    import subprocess
+    import sys
+    import time
+
+    folder = Path(folder)
+    out = universal_folder(folder)
+    if out.is_dir() and verify(out) is None:
+        return out
+    preverify_loadable(folder)  # ds_to_universal unpickles with weights_only=False: check first
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(folder), "--output_folder", str(tmp)], capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    if proc.returncode != 0:
+        raise CheckpointError(f"converting {folder} to a universal checkpoint failed "
+                              f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    # DeepSpeed looks for the model-states file under its ZeRO-3 name or its ZeRO-1/2 name, by the
+    # stage it loads INTO; provide both so the stage can change too.
+    model_states = sorted(tmp.glob("*model_states.pt"))
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if model_states and not (tmp / name).exists():
+            shutil.copy2(model_states[0], tmp / name)
+    for extra in [folder / STATE, *sorted(folder.glob("rng_rank*.pt"))]:
+        shutil.copy2(extra, tmp / extra.name)
+    write_manifest(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log(f"converted {folder.name} to a universal checkpoint in {time.perf_counter() - started:.1f}s: {out}")
+    return out

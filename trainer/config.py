@@ -7,6 +7,7 @@ these same dataclasses with `load_run_config()`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -38,18 +39,20 @@ class ModelConfig:
 class DataConfig:
     train_files: List[str] = field(default_factory=list)
     eval_files: List[str] = field(default_factory=list)
-    weights: List[float] = field(default_factory=list)  # mixing weights, one per train file
+    weights: List[float] = field(default_factory=list)  # mixing weights, one per train_files entry
     eval_fraction: float = 0.0  # held-out fraction when no eval_files
+    seed: int = 0  # picks the held-out documents and the subsets of mixed sources
     format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion | text
-    fields: Dict[str, str] = field(default_factory=dict)  # rename source fields, e.g. {messages: chat}
+    # rename source fields: canonical name -> name in your files, e.g. {messages: dialog, content: text}
+    fields: Dict[str, str] = field(default_factory=dict)
     loss_on: str = "assistant"  # assistant | all | last_turn
     max_seq_len: int = 512
     length_policy: str = "truncate"  # truncate | drop
-    packing: bool = False
-    on_error: str = "strict"  # strict | skip
-    num_proc: int = 1
-    cache_dir: Optional[str] = None  # default: <run.dir>/../.cache/data, shared by runs
-    streaming: bool = False
+    packing: bool = False  # several documents per row, per-document position ids, no cross-attention
+    on_error: str = "strict"  # strict (stop at the first bad record, file:line) | skip (count by reason)
+    num_proc: int = 1  # tokenizer worker processes
+    cache_dir: Optional[str] = None  # default: $SHARDTUNE_DATA_CACHE or ~/.cache/shardtune/data
+    streaming: bool = False  # reserved; prepared data is memory-mapped, so it need not fit in RAM
     shuffle: bool = True
 
 
@@ -108,6 +111,7 @@ class TrainConfig:
     log_every: int = 1
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
     deterministic: bool = True
+    timing: bool = False  # per-phase step timing + peak memory per rank in <run.dir>/timing/ (shardtune bench)
     fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: nan_at_step, ...
 
 
@@ -118,6 +122,8 @@ class EvalConfig:
     max_batches: int = 0  # 0: the whole eval split
     general_files: List[str] = field(default_factory=list)  # text the model should not forget
     prompts: List[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # more prompts, one per line (added after `prompts`)
+    prompt_style: str = "auto"  # auto (chat when the train data is chat) | chat | text (plain continuation)
     max_new_tokens: int = 32
     retention_threshold: float = 0.05  # flag when general eval loss worsens by more than this
 
@@ -147,6 +153,8 @@ class SlurmConfig:
     setup: List[str] = field(default_factory=list)  # shell lines run before launching (modules, venv)
     template: str = "slurm/job.sbatch.j2"
     submit: bool = True  # False: write the script and print it (dry run)
+    job_name: Optional[str] = None  # default: run.name
+    python: Optional[str] = None  # interpreter on the compute nodes; default: the one running shardtune
     preflight: bool = True
 
 
@@ -158,8 +166,9 @@ class ClusterConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: Optional[int] = None  # None: a free port (local) or derived from the job id (slurm)
-    hostfile: Optional[str] = None
-    no_ssh: bool = False
+    hostfile: Optional[str] = None  # cluster=hostfile: "host slots=N" lines, as for the deepspeed launcher
+    no_ssh: bool = False  # cluster=hostfile: run the same command on every node with its cluster.node_rank
+    ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
     device: str = "auto"  # auto | cpu | cuda
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
@@ -183,6 +192,8 @@ class RunConfig:
     dir: str = MISSING
     name: str = MISSING
     launch: str = "spawn"  # spawn | print (write the run dir, print the worker commands) | dry_run
+    # what an Optuna sweep minimises: a key of metrics.jsonl, its last value (eval_loss, loss, general_loss)
+    sweep_metric: str = "eval_loss"
 
 
 @dataclass
@@ -237,5 +248,8 @@ def load_run_config(run_dir: str | Path) -> RootConfig:
 
 def save_run_config(cfg: RootConfig, run_dir: str | Path) -> Path:
     path = Path(run_dir) / CONFIG_FILE
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    # Atomic: in no-ssh multi-node runs every node writes it while others' workers may read it.
+    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}")
+    OmegaConf.save(OmegaConf.structured(cfg), tmp)
+    os.replace(tmp, path)
     return path

@@ -17,6 +17,7 @@ from typing import Optional
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NONFINITE = 3
+EXIT_HUNG = 4  # the launcher's watchdog found a rank that stopped answering, and ended the job
 EXIT_RESUME_ME = 75  # EX_TEMPFAIL: stopped cleanly at a checkpoint, resume to continue
 
 
@@ -62,12 +63,37 @@ class Heartbeat:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"rank{rank}.json"
         self.rank = rank
+        self.step, self.phase = 0, "start"
 
     def beat(self, step: int, phase: str) -> None:
+        self.step, self.phase = step, phase
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rank": self.rank, "step": step, "phase": phase, "time": time.time(),
                                    "pid": os.getpid()}))
         os.replace(tmp, self.path)
+
+    def touch(self) -> None:
+        """Still alive, same step and phase (inside long phases such as evaluation)."""
+        self.beat(self.step, self.phase)
+
+
+def injected_pause(faults: dict, step: int, rank: int, heartbeat: "Heartbeat") -> None:
+    """Tests only (train.fault_injection.pause_at_step / pause_rank / pause_seconds): rank `pause_rank`
+    sleeps at the start of step `pause_at_step` (1-based), announced by the heartbeat phase `paused`, so a
+    test can kill or signal it at a known step instead of racing the loop."""
+    if faults.get("pause_at_step") == step and faults.get("pause_rank", 0) == rank:
+        heartbeat.beat(step - 1, "paused")
+        time.sleep(float(faults.get("pause_seconds", 60)))
+
+
+def process_state(pid: int) -> str:
+    """'running', 'stopped' (SIGSTOP), 'zombie', 'gone' ... from /proc (Linux); '' where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return "gone" if Path("/proc").is_dir() else ""
+    return {"R": "running", "S": "sleeping", "D": "in I/O", "T": "stopped", "t": "stopped (traced)",
+            "Z": "zombie"}.get(fields[0], fields[0])
 
 
 def read_heartbeats(run_dir: Path) -> list[dict]:
@@ -80,16 +106,35 @@ def read_heartbeats(run_dir: Path) -> list[dict]:
     return beats
 
 
+def stale_ranks(run_dir: Path, timeout_s: float, now: Optional[float] = None) -> list[dict]:
+    """Heartbeats of live ranks silent for more than `timeout_s`, oldest first (finished ranks excluded)."""
+    now = time.time() if now is None else now
+    silent = [b for b in read_heartbeats(run_dir)
+              if b.get("phase") != "done" and now - b["time"] > timeout_s and process_state(b["pid"]) != "gone"]
+    return sorted(silent, key=lambda b: (b["step"], b["time"]))
+
+
+def describe_rank(beat: dict, now: float) -> str:
+    state = process_state(beat["pid"])
+    return (f"rank {beat['rank']} (pid {beat['pid']}{', ' + state if state else ''}): last heartbeat "
+            f"{now - beat['time']:.0f}s ago at step {beat['step']}, phase {beat['phase']}")
+
+
+def likely_stuck(beats: list[dict]) -> list[dict]:
+    """The culprits among `beats`: stopped processes for certain, else the ranks furthest behind,
+    else the one silent the longest (ranks waiting in a collective for it have beaten since)."""
+    if not beats:
+        return []
+    stopped = [b for b in beats if process_state(b["pid"]).startswith("stopped")]
+    behind = [b for b in beats if b["step"] < max(x["step"] for x in beats)]
+    return stopped or behind or [min(beats, key=lambda b: (b["step"], b["time"]))]
+
+
 def describe_stragglers(run_dir: Path) -> str:
     """Name the ranks that are behind or silent: the likely culprits of a collective timeout."""
     beats = read_heartbeats(run_dir)
     if not beats:
         return "no heartbeats found"
     now = time.time()
-    newest_step = max(b["step"] for b in beats)
-    oldest = min(beats, key=lambda b: (b["step"], b["time"]))
-    lines = [f"rank {b['rank']}: step {b['step']}, phase {b['phase']}, last heard {now - b['time']:.0f}s ago"
-             for b in beats]
-    suspect = [b for b in beats if b["step"] < newest_step] or [oldest]
-    names = ", ".join(f"rank {b['rank']} (step {b['step']}, phase {b['phase']})" for b in suspect)
-    return f"likely stuck: {names}\n" + "\n".join(lines)
+    names = "; ".join(describe_rank(b, now) for b in likely_stuck(beats))
+    return f"likely stuck: {names}\nall ranks:\n" + "\n".join("  " + describe_rank(b, now) for b in beats)

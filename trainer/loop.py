@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from trainer import checkpoint
 from trainer.config import RootConfig
-from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
+from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest, injected_pause
 from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
 from trainer.data.render import IGNORE
 from trainer.distributed import DistInfo, sum_across_ranks
@@ -86,6 +86,15 @@ def _injected_fault(cfg: RootConfig, step: int, rank: int) -> float:
     return 1.0
 
 
+def _injected_grad_fault(cfg: RootConfig, step: int, rank: int) -> float:
+    """train.fault_injection.inf_grad_at_step (1-based): gradients become inf/NaN, the loss stays finite."""
+    faults = cfg.train.fault_injection
+    if faults.get("inf_grad_at_step") is not None and step in _as_list(faults["inf_grad_at_step"]):
+        if faults.get("inf_grad_rank") in (None, rank):
+            return float("inf")
+    return 1.0
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) else [value]
 
@@ -104,6 +113,7 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     pad_id = ctx.tokenizer.pad_token_id
     local_sum, local_nonfinite = 0.0, False
     micro_batches = ctx.sampler.micro_batches(step)
+    injected_pause(cfg.train.fault_injection, step + 1, info.rank, ctx.heartbeat)
     for accum, indices in enumerate(micro_batches):
         batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
         lap(ctx.timer, "data", batch)
@@ -116,7 +126,8 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         ctx.heartbeat.beat(step, "backward")
         # A non-finite loss backpropagates as zero (nan_to_num's gradient is 0 there), which keeps every
         # rank's collectives in step; the update itself is then cancelled below.
-        engine.backward(torch.nan_to_num(sum_ce * scale, nan=0.0, posinf=0.0, neginf=0.0))
+        engine.backward(torch.nan_to_num(sum_ce * scale, nan=0.0, posinf=0.0, neginf=0.0)
+                        * _injected_grad_fault(cfg, step + 1, info.rank))
         lap(ctx.timer, "backward")
         if accum == len(micro_batches) - 1:
             stop_local = ctx.stop.requested() or step + 1 == cfg.train.fault_injection.get("stop_at_step")
@@ -130,6 +141,10 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         lap(ctx.timer, "optimizer")
     grad_norm = engine.get_global_grad_norm()
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if not nonfinite_any and (not engine.was_step_applied() or math.isinf(grad_norm)):
+        # Finite loss but inf/NaN gradients: DeepSpeed's ZeRO step saw the global (all-reduced) norm,
+        # so every rank skipped the update at this same step; count it like a non-finite loss.
+        nonfinite_any = True
     result = {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
               "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
     if ctx.timer is not None:
@@ -152,6 +167,7 @@ def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, flo
     ctx.engine.eval()
     local_sum, local_tokens = 0.0, 0
     for b in range(n_batches):
+        ctx.heartbeat.touch()  # a long eval is not a hang
         indices = shard[b * mbs:(b + 1) * mbs]
         batch = _to_device(collate([dataset[i] for i in (indices or [0])], ctx.tokenizer.pad_token_id), info.device)
         sum_ce = sum_cross_entropy(ctx.engine, batch)
@@ -178,7 +194,8 @@ def _save(ctx: TrainContext, state: LoopState) -> None:
     started = time.perf_counter()
     folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, state.to_dict(ctx.sampler, ctx.info.world_size),
                              ctx.info, ctx.cfg.checkpoint.keep_last)
-    ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.1f}s")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.2f}s ({size / 2**20:.1f} MiB)")
 
 
 def _train_record(state: LoopState, result: Dict[str, Any], lr: float) -> Dict[str, Any]:
@@ -204,7 +221,7 @@ def train(ctx: TrainContext, state: LoopState) -> int:
         if result["nonfinite"]:
             state.nonfinite_streak += 1
             state.skipped_steps.append(state.step)
-            ctx.log(f"step {state.step}: non-finite loss on at least one rank; update skipped "
+            ctx.log(f"step {state.step}: non-finite loss or gradient norm on at least one rank; update skipped "
                     f"({state.nonfinite_streak} in a row, limit {cfg.train.max_nonfinite_steps})")
             if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
                 ctx.log(f"aborting: {state.nonfinite_streak} non-finite steps in a row (last step {state.step}); "
@@ -227,5 +244,6 @@ def train(ctx: TrainContext, state: LoopState) -> int:
     if cfg.checkpoint.save_final and last_saved != state.step:
         _save(ctx, state)
     if ctx.on_finish is not None:
+        ctx.heartbeat.beat(state.step, "export")
         ctx.on_finish(ctx)
     return EXIT_OK

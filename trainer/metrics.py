@@ -64,8 +64,9 @@ class ProgressBar:
     def log(self, record):
         if record.get("kind") != "train":
             if record.get("kind") == "eval":
-                print(f"[eval step {record['step']}] loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}",
-                      file=sys.stderr, flush=True)
+                parts = [f"{name} loss {record[f'{name}_loss']:.4f} ppl {record[f'{name}_ppl']:.2f}"
+                         for name in ("eval", "general") if f"{name}_loss" in record]
+                print(f"[eval step {record['step']}] {', '.join(parts)}", file=sys.stderr, flush=True)
             return
         step = record["step"]
         done = step - self.start_step
@@ -100,21 +101,31 @@ class WandbSink:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            from wandb.sdk.lib.runid import generate_id  # wandb.util.generate_id is gone in wandb 0.31
+
+            run_id = generate_id()
             id_file.write_text(run_id)
         self.wandb = wandb
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                               tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
                               dir=str(run_dir), mode=cfg.logger.mode, config=public_config(cfg_dict))
-        self.last_step = self.run.step if self.run is not None else 0
+        # Steps an earlier launch already logged (it may have run past the checkpoint we resumed
+        # from) are not logged again: W&B steps stay strictly increasing, none duplicated.
+        self.step_file = run_dir / "wandb_last_step"
+        self.logged_before = int(self.step_file.read_text()) if self.step_file.exists() else -1
+        self.skipped = 0
 
     def log(self, record):
         data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
         step = record["step"]
+        if step <= self.logged_before:
+            self.skipped += 1
+            return
         self.run.log(data, step=step)
+        self.step_file.write_text(str(step))
 
     def log_table(self, name, step, rows):
-        if rows:
+        if rows and step > self.logged_before:
             table = self.wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
             self.run.log({name: table}, step=step)
 

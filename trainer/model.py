@@ -81,12 +81,13 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = _create(cfg, dtype, seed)
     model.config.use_cache = False  # a KV cache would defeat the packed-document attention isolation
-    if cfg.activation_checkpointing != "none":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from trainer.speed import apply_speed_switches
+
+    model = apply_speed_switches(model, cfg.activation_checkpointing, cfg.compile)  # checkpointing, compile
     if peft_cfg.method != "none":
         from trainer.peft_methods import apply_peft
 
-        model = apply_peft(model, peft_cfg, cfg.family)
+        model = apply_peft(model, peft_cfg, cfg.family, zero3=hf_ds_config is not None)
     elif cfg.frozen_modules:
         freeze_modules(model, cfg.frozen_modules)
     del hf_ds_config

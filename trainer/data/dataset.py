@@ -1,116 +1,183 @@
-"""Load files into tokenized samples: {input_ids, labels}, with counts of what was dropped and why."""
+"""Assemble the train and eval splits from prepared sources: mixing weights, held-out fraction,
+packing. A dataset row is one document, or (packed) several with restarting position ids.
+
+Contract with the loop: len(ds); ds[i] -> {input_ids, labels[, position_ids]} (lists);
+ds.label_tokens(i) -> tokens of row i that carry a loss.
+"""
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Tuple
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from trainer.config import DataConfig
+from trainer.data import cache, sources
 from trainer.data.errors import DataError
-from trainer.data.render import IGNORE, render_messages
+from trainer.data.packing import pack
+from trainer.data.prepare import tokenize_source
+from trainer.data.render import IGNORE
+from trainer.data.store import DocStore
+
+HISTOGRAM_BINS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-@dataclass
-class TokenizedDataset:
-    samples: List[Dict[str, List[int]]]
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    truncated: int = 0
+class Corpus:
+    """Several DocStores seen as one list of documents (global ids)."""
+
+    def __init__(self, stores: Sequence[DocStore]):
+        self.stores = list(stores)
+        self.starts = np.cumsum([0] + [len(s) for s in self.stores])
+        self.lengths = np.concatenate([s.lengths for s in self.stores] or [np.zeros(0, np.int64)])
+        self.label_counts = np.concatenate([s.label_counts for s in self.stores] or [np.zeros(0, np.int64)])
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return int(self.starts[-1])
+
+    def doc(self, doc_id: int):
+        s = int(np.searchsorted(self.starts, doc_id, side="right")) - 1
+        return self.stores[s].doc(int(doc_id - self.starts[s]))
+
+
+class TokenizedDataset:
+    """Rows of documents over a Corpus; packed rows carry position_ids."""
+
+    def __init__(self, corpus: Corpus, rows: List[np.ndarray], packed: bool, max_seq_len: int,
+                 report: Optional[dict] = None):
+        self.corpus, self.rows, self.packed, self.max_seq_len = corpus, rows, packed, max_seq_len
+        self.report = report or {}
+        self._label_tokens = np.asarray([int(corpus.label_counts[r].sum()) for r in rows], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> Dict[str, List[int]]:
-        return self.samples[index]
+        ids, labels, positions = [], [], []
+        for doc_id in self.rows[index]:
+            doc_ids, trained = self.corpus.doc(int(doc_id))
+            doc_labels = np.where(trained.astype(bool), doc_ids, IGNORE)
+            doc_labels[0] = IGNORE  # predicted from nothing (alone) or from another document (packed)
+            ids.extend(doc_ids.tolist())
+            labels.extend(doc_labels.tolist())
+            positions.extend(range(len(doc_ids)))
+        row = {"input_ids": ids, "labels": labels}
+        if self.packed:
+            row["position_ids"] = positions
+        return row
 
     def label_tokens(self, index: int) -> int:
-        """Tokens of sample `index` that carry a loss (position 0 predicts nothing)."""
-        return sum(1 for t in self.samples[index]["labels"][1:] if t != IGNORE)
+        return int(self._label_tokens[index])
+
+    # Statistics, for the log line and `shardtune data preview`.
+    @property
+    def skipped(self) -> Counter:
+        return Counter(self.report.get("skipped", {}))
+
+    @property
+    def truncated(self) -> int:
+        return int(self.report.get("truncated", 0))
+
+    def stats(self) -> dict:
+        docs = np.concatenate(self.rows) if self.rows else np.zeros(0, np.int64)
+        lengths = self.corpus.lengths[docs]
+        tokens, trained = int(lengths.sum()), int(self._label_tokens.sum())
+        edges = [b for b in HISTOGRAM_BINS if b < self.max_seq_len] + [self.max_seq_len]
+        counts = np.histogram(lengths, bins=[0, *edges])[0] if len(lengths) else np.zeros(len(edges), int)
+        stats = {"rows": len(self), "documents": int(len(docs)), "tokens": tokens, "trained_tokens": trained,
+                 "trained_fraction": trained / tokens if tokens else 0.0,
+                 "length_histogram": {f"<={e}": int(c) for e, c in zip(edges, counts)}, **self.report}
+        if self.packed:
+            slots = len(self) * self.max_seq_len
+            stats["packing"] = {"rows": len(self), "slots": slots, "fill": tokens / slots if slots else 0.0,
+                                "trained_per_slot": trained / slots if slots else 0.0}
+        return stats
+
+    def describe(self) -> str:
+        s = self.stats()
+        text = (f"{s['rows']} rows, {s['documents']} documents, {s['tokens']} tokens "
+                f"({s['trained_tokens']} trained), {s.get('truncated', 0)} truncated, "
+                f"dropped {s.get('dropped') or 'none'}, skipped {s.get('skipped') or 'none'}")
+        if self.packed:
+            text += f", packing fill {100 * s['packing']['fill']:.1f}%"
+        return text + f", cache {s.get('cache_hits', 0)} hit / {s.get('cache_misses', 0)} prepared"
 
 
 def expand_files(patterns: List[str]) -> List[str]:
-    files: List[str] = []
+    """The files (or folders, or hf:// names) that data.*_files name, in order."""
+    return [s.path if s.kind != "hub" else str(s) for p in patterns for s in sources.resolve(p)]
+
+
+def _prepare(source: sources.Source, tokenizer, cfg: DataConfig, tok_print: str, log) -> Tuple[DocStore, bool]:
+    key = cache.cache_key(sources.fingerprint(source), tok_print, cfg)
+    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
+    folder, hit = cache.get_or_prepare(root, key, lambda tmp: tokenize_source(source, tokenizer, cfg, tmp), log)
+    return DocStore(folder), hit
+
+
+def _load_groups(patterns: List[str], tokenizer, cfg: DataConfig, log) -> Tuple[Corpus, List[np.ndarray], dict]:
+    """Prepare every source of every pattern; returns the corpus, the doc ids of each pattern, counts."""
+    tok_print = cache.tokenizer_fingerprint(tokenizer)
+    stores, groups, report = [], [], {"skipped": Counter(), "truncated": 0, "dropped": Counter(),
+                                      "cache_hits": 0, "cache_misses": 0}
     for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matched:
-            raise DataError(pattern, "matches no file")
-        files.extend(matched)
-    return files
+        first = sum(len(s) for s in stores)
+        for source in sources.resolve(pattern):
+            store, hit = _prepare(source, tokenizer, cfg, tok_print, log)
+            stores.append(store)
+            report["skipped"].update(store.skipped)
+            report["truncated"] += store.meta["truncated"]
+            report["dropped"].update(store.meta["dropped"])
+            report["cache_hits" if hit else "cache_misses"] += 1
+        groups.append(np.arange(first, sum(len(s) for s in stores)))
+    report["skipped"], report["dropped"] = dict(report["skipped"]), dict(report["dropped"])
+    return Corpus(stores), groups, report
 
 
-def read_jsonl(path: str) -> Iterator[Tuple[str, object]]:
-    """Yield (where, record) for every non-blank line; a bad line raises DataError naming file:line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, DataError(where, f"invalid UTF-8 at byte {err.start}")
-                continue
-            line = line.lstrip("\ufeff").strip()
-            if not line:
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, DataError(where, f"malformed JSON ({err.msg} at column {err.colno})")
+def mix(groups: List[np.ndarray], weights: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Doc ids of one epoch: each group gets weight/sum(weights) of the total, repeating a small
+    group (upsampling) or taking a seeded subset of a large one."""
+    if not weights:
+        return np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    total, norm = sum(len(g) for g in groups), float(sum(weights))
+    picked = []
+    for group, weight in zip(groups, weights):
+        target = int(round(total * weight / norm))
+        if len(group) == 0:
+            continue
+        full, rest = divmod(target, len(group))
+        picked.extend([np.tile(group, full), rng.choice(group, rest, replace=False)])
+    return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
 
-def render_record(record, tokenizer, cfg: DataConfig, where: str) -> Tuple[List[int], List[int]]:
-    if not isinstance(record, dict):
-        raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-    key = cfg.fields.get("messages", "messages")
-    if key in record:
-        return render_messages(tokenizer, record[key], cfg.loss_on, where)
-    text_key = cfg.fields.get("text", "text")
-    if text_key in record:
-        ids = tokenizer(record[text_key], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = ids + [tokenizer.eos_token_id]
-        return ids, list(ids)
-    raise DataError(where, f"missing field: expected {key!r} (chat) or {text_key!r} (raw text); "
-                           f"found keys {sorted(record)}")
+def _rows(corpus: Corpus, docs: np.ndarray, cfg: DataConfig) -> List[np.ndarray]:
+    if not cfg.packing:
+        return [docs[i:i + 1] for i in range(len(docs))]
+    return [docs[row] for row in pack(corpus.lengths[docs], cfg.max_seq_len)]
 
 
-def _fit_length(ids, labels, cfg: DataConfig, where: str):
-    if len(ids) <= cfg.max_seq_len:
-        return ids, labels, False
-    if cfg.length_policy == "drop":
-        raise DataError(where, f"too long: {len(ids)} tokens > data.max_seq_len={cfg.max_seq_len}")
-    return ids[: cfg.max_seq_len], labels[: cfg.max_seq_len], True
+def _make(corpus, docs, cfg, report) -> TokenizedDataset:
+    return TokenizedDataset(corpus, _rows(corpus, docs, cfg), cfg.packing, cfg.max_seq_len, report)
 
 
-def load_files(patterns: List[str], tokenizer, cfg: DataConfig) -> TokenizedDataset:
-    """Tokenize every record; strict mode stops at the first bad one, skip mode counts by reason."""
-    dataset = TokenizedDataset(samples=[])
-    for path in expand_files(patterns):
-        for where, record in read_jsonl(path):
-            try:
-                if isinstance(record, DataError):
-                    raise record
-                ids, labels = render_record(record, tokenizer, cfg, where)
-                ids, labels, cut = _fit_length(ids, labels, cfg, where)
-                if all(t == IGNORE for t in labels[1:]):
-                    raise DataError(where, "zero trainable tokens after masking (and truncation)")
-            except DataError as err:
-                if cfg.on_error == "strict":
-                    raise
-                dataset.skipped[err.problem.split(":")[0].split(" (")[0]] += 1
-                continue
-            dataset.truncated += int(cut)
-            dataset.samples.append({"input_ids": ids, "labels": labels})
-    return dataset
+def load_files(patterns: List[str], tokenizer, cfg: DataConfig, log=None) -> TokenizedDataset:
+    """Every document of `patterns` as one dataset (no mixing, no split)."""
+    corpus, groups, report = _load_groups(list(patterns), tokenizer, cfg, log)
+    return _make(corpus, mix(groups, [], None), cfg, report)
 
 
-def build_datasets(cfg: DataConfig, tokenizer) -> Tuple[TokenizedDataset, TokenizedDataset | None]:
+def build_datasets(cfg: DataConfig, tokenizer, log=None) -> Tuple[TokenizedDataset, Optional[TokenizedDataset]]:
     """The train split and the eval split (None when there is no eval data)."""
-    train = load_files(cfg.train_files, tokenizer, cfg)
-    evaluation = load_files(cfg.eval_files, tokenizer, cfg) if cfg.eval_files else None
-    if evaluation is None and cfg.eval_fraction > 0:
-        cut = max(1, int(len(train) * cfg.eval_fraction))
-        evaluation = TokenizedDataset(samples=train.samples[-cut:])
-        train = TokenizedDataset(samples=train.samples[:-cut], skipped=train.skipped, truncated=train.truncated)
-    return train, evaluation
+    corpus, groups, report = _load_groups(list(cfg.train_files), tokenizer, cfg, log)
+    if not len(corpus):
+        raise DataError(", ".join(cfg.train_files), f"no usable sample (skipped {report['skipped']}, "
+                                                    f"dropped {report['dropped']})", "empty")
+    rng = np.random.default_rng(cfg.seed)
+    evaluation = None
+    if cfg.eval_files:
+        evaluation = load_files(list(cfg.eval_files), tokenizer, cfg, log)
+    elif cfg.eval_fraction > 0:
+        held_out = rng.permutation(len(corpus))[:max(1, int(len(corpus) * cfg.eval_fraction))]
+        groups = [np.setdiff1d(g, held_out) for g in groups]
+        evaluation = _make(corpus, np.sort(held_out), cfg, {})
+    return _make(corpus, mix(groups, cfg.weights, rng), cfg, report), evaluation

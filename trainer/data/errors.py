@@ -1,7 +1,26 @@
-"""A data problem that names where it is (file:line) and what is wrong."""
+"""A data problem that names where it is (file:line), what is wrong, and a short reason code.
+
+The reason code is what `data.on_error=skip` counts by ("malformed_json": 3), so the codes are a
+small fixed vocabulary; the message is for humans.
+"""
+
+REASONS = {
+    "malformed_json": "a line that is not valid JSON",
+    "invalid_utf8": "bytes that are not UTF-8",
+    "bom": "a byte-order mark inside a file (files concatenated?)",
+    "not_an_object": "a record that is not a JSON object",
+    "missing_field": "a record without the fields of its format",
+    "bad_message": "a chat message without role/content",
+    "unknown_role": "a chat role that is not system/user/assistant/tool",
+    "empty_conversation": "a conversation with no messages",
+    "assistant_first": "an assistant turn before any user turn",
+    "no_assistant_turn": "a conversation with no assistant turn",
+    "zero_trainable": "a sample with no trainable token after masking",
+    "template": "a chat template problem",
+}
 
 
 class DataError(ValueError):
-    def __init__(self, where: str, problem: str):
-        self.where, self.problem = where, problem
+    def __init__(self, where: str, problem: str, reason: str = "invalid"):
+        self.where, self.problem, self.reason = where, problem, reason
         super().__init__(f"{where}: {problem}")

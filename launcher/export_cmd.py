@@ -1,0 +1,195 @@
+"""`shardtune export RUN_DIR [--step N] [--merge] --out DIR`: a Hugging Face folder from a checkpoint.
+
+Offline, one process, no DeepSpeed engine: the sharded ZeRO checkpoint is consolidated with
+DeepSpeed's zero_to_fp32 (lazily: each tensor is assembled from the ranks' partitions only when
+it is written). Full fine-tuning gives a model folder written shard by shard; a peft run gives an
+adapter folder, or with --merge a merged model, checked numerically against base + adapter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+PROBE_TEXT = "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level."
+MERGE_TOLERANCE = 1e-4  # max |logit difference|, merged vs base + adapter, in fp32
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if upper.endswith(unit) and upper[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[:-len(unit)]) * units[unit])
+    if upper.isdigit():
+        return int(upper)
+    raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: give a size such as 500MB or 2GB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardtune export", description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", type=Path, help="a shardtune run directory")
+    p.add_argument("--out", type=Path, required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
+    p.add_argument("--merge", action="store_true", help="peft runs: merge the adapter into a full model")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the written weights (default float32, the master weights' precision)")
+    return p
+
+
+def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+    from trainer import checkpoint
+
+    root = checkpoint.checkpoint_root(run_dir)
+    if step is None:
+        folder = checkpoint.find_resume_checkpoint(root, log=lambda m: print(f"[export] {m}", file=sys.stderr))
+        if folder is None:
+            raise SystemExit(f"{root}: no committed checkpoint to export (set checkpoint.every_steps or "
+                             "checkpoint.save_final=true when training)")
+        return folder
+    folder = root / checkpoint.tag_for(step)
+    problem = checkpoint.verify(folder)
+    if problem:
+        have = ", ".join(str(int(t.split("-")[1])) for t in checkpoint.committed_tags(root)) or "none"
+        raise SystemExit(f"--step {step}: {problem}; committed steps: {have}")
+    return folder
+
+
+def checkpoint_tensors(folder: Path, stage: int) -> Dict[str, object]:
+    """name -> tensor (ZeRO-0) or a lazy tensor that `.contiguous()` assembles (ZeRO 1-3)."""
+    if stage == 0:
+        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return dict(states["module"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
+
+
+def materialize(tensors: Dict[str, object], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    out = {}
+    for name, lazy in tensors.items():
+        tensor = lazy.contiguous() if not isinstance(lazy, torch.Tensor) else lazy
+        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return out
+
+
+def export_full(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int) -> List[Path]:
+    """Stream the consolidated weights into shards: one tensor assembled at a time."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from trainer.export import ShardWriter, write_model_files
+    from trainer.model import build_tokenizer, model_dir
+
+    source = model_dir(cfg.model)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    tied = getattr(config, "tie_word_embeddings", False)
+    writer = ShardWriter(out, max_bytes)
+    for name, lazy in tensors.items():
+        if tied and name == "lm_head.weight":
+            continue  # the same tensor as the input embedding; transformers ties it on load
+        tensor = lazy.contiguous() if not isinstance(lazy, torch.Tensor) else lazy
+        writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    shards = writer.close()
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    write_model_files(config, generation, build_tokenizer(cfg.model), out, dtype)
+    return shards
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, merge: bool) -> dict:
+    """Rebuild the peft model on CPU, load the checkpoint into it, write the adapter or merged model."""
+    from trainer.model import build_model, build_tokenizer, model_dir
+
+    if merge and cfg.peft.method == "prefix_tuning":
+        raise SystemExit("--merge: prefix tuning adds key/value prefixes, not weight deltas, so it cannot be "
+                         "merged; export the adapter (without --merge)")
+    model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}}, on_gpu=False, seed=cfg.seed)
+    model.load_state_dict(materialize(tensors, torch.float32), strict=True)
+    model.eval()
+    tokenizer = build_tokenizer(cfg.model)
+    facts: dict = {}
+    if merge:
+        ids = tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+        before = _logits(model, ids)
+        merged = model.merge_and_unload()
+        diff = (_logits(merged, ids) - before).abs().max().item()
+        if diff > MERGE_TOLERANCE:
+            raise SystemExit(f"--merge: merged logits differ from base + adapter by {diff:.2e} "
+                             f"(tolerance {MERGE_TOLERANCE:g}); not writing {out}")
+        merged.config.use_cache = True
+        merged.to(dtype).save_pretrained(out, max_shard_size=max_bytes)
+        tokenizer.save_pretrained(out)
+        return {"merged": True, "merge_max_logit_diff": diff}
+    base_path = str(model_dir(cfg.model))
+    model.peft_config["default"].base_model_name_or_path = base_path
+    if cfg.model.name_or_path.startswith("builtin:"):  # random base weights exist only in the checkpoint
+        base_path = str(out / "base")
+        model.peft_config["default"].base_model_name_or_path = base_path
+        model.save_pretrained(out)
+        base = model.unload()
+        base.config.use_cache = True
+        base.to(dtype).save_pretrained(base_path, max_shard_size=max_bytes)
+        tokenizer.save_pretrained(base_path)
+    else:
+        model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return facts
+
+
+def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool = False,
+               dtype: str = "float32", max_bytes: int = 2 * 10**9) -> dict:
+    """Write `out` from a checkpoint of `run_dir`; returns what was done (also saved in out)."""
+    import shutil
+
+    from trainer.config import load_run_config
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # consolidation needs no accelerator
+    started = time.perf_counter()
+    run_dir = Path(run_dir).resolve()
+    cfg = load_run_config(run_dir)
+    stage = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
+    folder = find_checkpoint(run_dir, step)
+    torch_dtype = getattr(torch, dtype)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tensors = checkpoint_tensors(folder, stage)
+    if cfg.peft.method == "none":
+        if merge:
+            print("[export] --merge ignored: a full fine-tuning run has no adapter", file=sys.stderr)
+        export_full(cfg, tensors, out, torch_dtype, max_bytes)
+        facts = {"merged": False}
+    else:
+        facts = export_peft(cfg, tensors, out, torch_dtype, max_bytes, merge)
+    facts.update({"run_dir": str(run_dir), "checkpoint": folder.name, "method": cfg.peft.method,
+                  "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                  "seconds": round(time.perf_counter() - started, 2)})
+    (out / "shardtune_export.json").write_text(json.dumps(facts, indent=1) + "\n")
+    return facts
+
+
+def main(argv: List[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if not (args.run_dir / "config.yaml").is_file():
+        print(f"shardtune export: {args.run_dir} is not a shardtune run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    facts = export_run(args.run_dir, args.out, args.step, args.merge, args.dtype, args.max_shard_size)
+    kind = "merged model" if facts.get("merged") else ("model" if facts["method"] == "none" else "adapter")
+    extra = f", merged logits within {facts['merge_max_logit_diff']:.1e}" if facts.get("merged") else ""
+    print(f"exported {kind} from {facts['checkpoint']} to {args.out} ({facts['weights_bytes'] / 1e6:.2f} MB "
+          f"of weights, {facts['seconds']:.1f}s{extra})")
+    return 0

@@ -1,0 +1,119 @@
+"""cluster=slurm: write the batch script into the run directory and submit it, or, inside an
+allocation, start one node launcher per node with srun.
+
+    <run.dir>/job.sbatch        the rendered script (from slurm/job.sbatch.j2 by default)
+    <run.dir>/slurm_job_id      the id sbatch gave it
+    <run.dir>/slurm-<id>.out    the job's output; requeued runs append to it
+    <run.dir>/slurm_jobs.jsonl  one line per start of the job (restart count, nodes, time)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.rundir import REPO_ROOT
+from trainer.config import RootConfig
+
+JOB_SCRIPT = "job.sbatch"
+JOB_ID_FILE = "slurm_job_id"
+
+
+def template_path(cfg: RootConfig) -> Path:
+    path = Path(cfg.cluster.slurm.template).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def render_script(cfg: RootConfig, run_dir: Path) -> str:
+    """The batch script for this run, from the template and cluster.slurm.*."""
+    import jinja2
+
+    slurm = cfg.cluster.slurm
+    source = template_path(cfg)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["quote"] = lambda value: shlex.quote(str(value))
+    template = env.from_string(source.read_text())
+    return template.render(
+        template=source, run_dir=run_dir, repo=REPO_ROOT, python=slurm.python or sys.executable,
+        job_name=slurm.job_name or cfg.run.name, nnodes=cfg.cluster.nnodes, time=slurm.time,
+        signal_seconds=slurm.signal_seconds, max_requeues=slurm.max_requeues, cpus_per_task=slurm.cpus_per_task,
+        gpus_per_node=slurm.gpus_per_node, mem=slurm.mem, partition=slurm.partition, account=slurm.account,
+        qos=slurm.qos, constraint=slurm.constraint, exclusive=slurm.exclusive,
+        extra_sbatch=list(slurm.extra_sbatch), setup=list(slurm.setup))
+
+
+def in_allocation(env=os.environ) -> bool:
+    """Inside salloc or an interactive srun, but not in a batch script shardtune wrote itself."""
+    job = env.get("SLURM_JOB_ID")
+    return bool(job) and env.get("SHARDTUNE_BATCH_JOB") != job
+
+
+def submit(script: Path, run_dir: Path) -> str:
+    """sbatch the script; returns the job id (raises SystemExit with sbatch's own words on failure)."""
+    if not shutil.which("sbatch"):
+        raise SystemExit("cluster=slurm: `sbatch` is not on PATH; run on a Slurm login node, or write the "
+                         "script without submitting: cluster.slurm.submit=false")
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=run_dir)
+    if proc.returncode != 0:
+        raise SystemExit(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    job_id = proc.stdout.strip().splitlines()[-1].split(";")[0]
+    (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
+    with open(run_dir / "slurm_submissions.jsonl", "a") as handle:
+        handle.write(json.dumps({"job_id": job_id, "time": time.time(), "script": str(script)}) + "\n")
+    return job_id
+
+
+def follow_hint(job_id: str, run_dir: Path) -> str:
+    return (f"[shardtune] submitted Slurm job {job_id} for {run_dir}\n"
+            f"  follow:  squeue -j {job_id}    tail -f {run_dir}/slurm-{job_id}.out    "
+            f"(metrics: {run_dir}/metrics.jsonl)\n"
+            f"  stop:    scancel --signal=USR1 --batch {job_id}   (checkpoints, then requeues itself)\n"
+            f"           shardtune stop {run_dir}   (checkpoints and ends)    scancel {job_id}   (no checkpoint)")
+
+
+def launch_in_allocation(cfg: RootConfig, run_dir: Path) -> int:
+    """srun one node launcher per node of the current allocation, and wait for them."""
+    from launcher.local import run_workers
+
+    have = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    if have < cfg.cluster.nnodes:
+        raise SystemExit(f"this allocation (job {os.environ['SLURM_JOB_ID']}) has {have} node(s) but "
+                         f"cluster.nnodes={cfg.cluster.nnodes}")
+    python = cfg.cluster.slurm.python or sys.executable
+    argv = ["srun", f"--nodes={cfg.cluster.nnodes}", "--ntasks-per-node=1",
+            python, "-m", "launcher.node", "--run-dir", str(run_dir)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    print(f"[shardtune] inside Slurm allocation {os.environ['SLURM_JOB_ID']}: {shlex.join(argv)}",
+          file=sys.stderr, flush=True)
+    return run_workers(argv, env, run_dir)
+
+
+def derive_for_compute_nodes(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> None:
+    """The login node may have no GPU while the job asks for some: derive ds_config.json for the job."""
+    gpu_job = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cfg.cluster.slurm.gpus_per_node > 0)
+    if gpu_job != on_gpu:
+        from launcher.rundir import world_size
+        from trainer.ds_config import build_ds_config
+
+        ds_config = build_ds_config(cfg, world_size(cfg), gpu_job)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
+    if in_allocation() and cfg.run.launch == "spawn":
+        return launch_in_allocation(cfg, run_dir)
+    derive_for_compute_nodes(cfg, run_dir, on_gpu)
+    script = run_dir / JOB_SCRIPT
+    script.write_text(render_script(cfg, run_dir))
+    script.chmod(0o755)
+    if cfg.run.launch != "spawn" or not cfg.cluster.slurm.submit:
+        print(f"{script.read_text()}\n[shardtune] wrote {script}; submit it with: sbatch {script}")
+        return 0
+    job_id = submit(script, run_dir)
+    print(follow_hint(job_id, run_dir), flush=True)
+    return 0

@@ -1,0 +1,165 @@
+"""FLOPs, MFU and the preflight memory arithmetic against hand-computed cases; bench and the speed
+switches end to end on 2 CPU ranks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, shardtune, train, metrics
+from trainer.flops import ModelShape, attention_length, flops_per_token, mfu
+from trainer.preflight import (GB, Estimate, Setup, activation_bytes, estimate, model_state_bytes,
+                               shape_from_config_dict, verdict)
+
+SHAPE = ModelShape(params=1000, embedding_params=100, tied_embeddings=False, layers=2, heads=4, kv_heads=2,
+                   head_dim=8, hidden=32, intermediate=64, vocab=32, largest_layer_params=200)
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------------
+
+def test_flops_per_token_full_tied_and_lora():
+    attention = 12 * 2 * 4 * 8 * 16  # 12 L H Q T = 12288
+    assert flops_per_token(SHAPE, 16) == 6 * 900 + attention  # untied: the embedding is not counted
+    tied = ModelShape(**{**SHAPE.__dict__, "tied_embeddings": True})
+    assert flops_per_token(tied, 16) == 6 * 1000 + attention  # tied: the head is the embedding, counted once
+    assert flops_per_token(SHAPE, 16, trainable_params=10) == 4 * 900 + attention + 6 * 10
+
+
+def test_attention_length_and_mfu():
+    assert attention_length([2, 4]) == pytest.approx(20 / 6)  # (4 + 16) / 6
+    assert attention_length([]) == 0.0
+    assert mfu(tokens_per_s=1000, flops_token=1e6, devices=2, peak_per_device=1e9) == pytest.approx(0.5)
+
+
+# ---- memory -----------------------------------------------------------------------------------------
+
+def _only_bytes(parts):
+    return {k: v[0] for k, v in parts.items()}
+
+
+def test_zero3_fp32_states():
+    s = Setup(world=2, stage=3, precision="fp32", micro_batch=1, seq_len=1, persistent_params=10,
+              reduce_bucket=100, prefetch_bucket=50)
+    assert _only_bytes(model_state_bytes(SHAPE, s)) == {
+        "parameters (partition)": 4000 // 2,
+        "parameters (gathered, persistent)": (min(990, 50 + 200) + 10) * 4,  # 1040
+        "gradients (model dtype)": 100 * 4,  # the whole reduce bucket
+        "gradients (before bucketing)": 1000 * 4,
+        "all-gather buffers": 2 * min(1000, 50 + 200) * 4,
+        "gradients (fp32 partition)": 4 * 1000 // 2,
+        "optimizer (fp32 master)": 4 * 1000 // 2,
+        "optimizer (Adam moments)": 8 * 1000 // 2,
+    }
+
+
+def test_stage0_fp32_and_bf16_and_stage2_offload():
+    fp32 = Setup(world=2, stage=0, precision="fp32", micro_batch=1, seq_len=1)
+    assert _only_bytes(model_state_bytes(SHAPE, fp32)) == {
+        "parameters": 4000, "gradients (model dtype)": 4000, "optimizer (fp32 master)": 0,
+        "optimizer (Adam moments)": 8000}
+    bf16 = Setup(world=2, stage=0, precision="bf16", micro_batch=1, seq_len=1)
+    assert sum(_only_bytes(model_state_bytes(SHAPE, bf16)).values()) == 2000 + 2000 + 4000 + 4000 + 8000
+    off = Setup(world=4, stage=2, precision="bf16", micro_batch=1, seq_len=1, reduce_bucket=100,
+                offload_optimizer=True)
+    parts = model_state_bytes(SHAPE, off)
+    assert parts["parameters"] == (2000, False)
+    assert parts["gradients (model dtype)"] == (200, False)
+    assert parts["gradients (before bucketing)"] == (2000, False)
+    assert parts["optimizer (Adam moments)"] == (8000 // 4, True)  # offloaded: on the host
+    est = estimate(SHAPE, Setup(**{**off.__dict__, "on_gpu": True}))
+    assert est.host_total == 1000 + 1000 + 2000 and "runtime (python, torch, deepspeed)" not in est.host
+
+
+def test_activations_by_checkpointing():
+    shape = ModelShape(params=1, embedding_params=0, tied_embeddings=True, layers=2, heads=2, kv_heads=1,
+                       head_dim=4, hidden=8, intermediate=16, vocab=32)
+    s = Setup(world=1, stage=0, precision="fp32", micro_batch=2, seq_len=3)
+    # per token per layer: 4H + 3Q + 2KV + 4I = 32 + 24 + 8 + 64 = 128 values; 6 tokens, 4 bytes, 2 layers
+    assert activation_bytes(shape, s) == {"activations (kept for backward)": 128 * 6 * 4 * 2,
+                                          "logits and loss": 4 * 6 * 32 * 4}
+    full = activation_bytes(shape, Setup(**{**s.__dict__, "checkpointing": "full"}))
+    assert full["activations (kept for backward)"] == 8 * 6 * 4 * 2  # only each layer's input
+    assert full["activations (one recomputed layer)"] == 128 * 6 * 4
+    eager = activation_bytes(shape, Setup(**{**s.__dict__, "attn": "eager"}))
+    assert eager["attention scores (eager)"] == 2 * 2 * 3 * 3 * 2 * 4 * 2  # 2 x heads x S^2 x B x bytes x L
+
+
+def test_shape_of_the_builtin_tiny_llama_and_its_lora():
+    config = json.loads((REPO / "trainer/builtin/tiny-llama/config.json").read_text())
+    shape, trainable, _ = shape_from_config_dict(config)
+    # embedding 2048*128 + 2 layers x (q 128*128, k and v 128*64, o 128*128, MLP 3*128*352, 2 norms) + norm
+    assert shape.params == 2048 * 128 + 2 * (16384 + 8192 * 2 + 16384 + 3 * 128 * 352 + 256) + 128 == 631424
+    assert trainable == shape.params and shape.tied_embeddings and shape.non_embedding_params == 631424
+    _, lora, _ = shape_from_config_dict(config, {"r": 8, "targets": "all-linear"})
+    # per layer r*(in+out): q 8*256, k 8*192, v 8*192, o 8*256, gate/up/down 8*480 each
+    assert lora == 2 * 8 * (256 + 192 + 192 + 256 + 3 * 480) == 37376
+
+
+def test_verdict_fits_and_suggests_a_remedy():
+    s = Setup(world=8, stage=2, precision="bf16", micro_batch=4, seq_len=4096, on_gpu=True)
+    big = ModelShape(params=8 * 10 ** 9, embedding_params=500 * 10 ** 6, tied_embeddings=False, layers=32,
+                     heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=14336, vocab=128256,
+                     largest_layer_params=218 * 10 ** 6)
+    est = estimate(big, s)
+    assert verdict(big, s, est, 10 ** 15, "H100", 8).startswith("fits on 8 x H100 with")
+    text = verdict(big, s, est, 80 * GB, "H100", 8)
+    assert text.startswith("will not fit") and "deepspeed=zero3" in text
+
+
+def test_preflight_command_prints_table_and_verdict():
+    proc = shardtune("preflight", "deepspeed.reduce_bucket_size=1000000", "--json", check=True)
+    facts = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert facts["params"] == 631424 and facts["fits"] is True
+    assert facts["device"]["gradients (model dtype)"] == 1000000 * 4
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+BENCH_FIELDS = ("median_step_time_s", "trained_tokens_per_s", "input_tokens_per_s", "flops_per_token", "mfu",
+                "breakdown_median_s", "peak_memory", "attention_length_T")
+
+
+@pytest.mark.distributed
+def test_bench_vs_hf_writes_every_field(tmp_path):
+    proc = shardtune("bench", "--steps", "2", "--warmup", "1", "--vs", "hf", f"run.dir={tmp_path}",
+                     "data.max_seq_len=128", "train.micro_batch_size=2", "deepspeed.reduce_bucket_size=1000000",
+                     "cluster.timeout_s=120", check=True)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    ours, hf = report["ours"][0], report["hf"][0]
+    for field in BENCH_FIELDS:
+        assert ours[field] is not None, field
+    assert ours["timed_steps"] == 2 and hf["timed_steps"] == 2
+    assert set(ours["breakdown_median_s"]) == {"data", "forward", "backward", "loss_allreduce", "optimizer"}
+    assert 0 < ours["mfu"] < 1 and ours["trained_tokens"] < ours["input_tokens"]
+    # Both sides trained the very same samples: our sampler's order is fed to HF Trainer.
+    assert ours["trained_tokens"] == hf["trained_tokens"] and ours["input_tokens"] == hf["input_tokens"]
+    for rank in ("rank0", "rank1"):
+        assert ours["peak_memory"][rank]["peak_rss_bytes"] > 100 * 2 ** 20
+    assert report["ratio_trained_tokens_per_s"] > 0 and "ours / HF Trainer" in proc.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("switch", ["model.attn_implementation=eager",
+                                    "model.activation_checkpointing=full",
+                                    "model.activation_checkpointing=selective"])
+def test_speed_switch_trains(tmp_path, switch):
+    train(tmp_path, switch, "train.max_steps=3", "deepspeed.reduce_bucket_size=1000000", check=True)
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] is not None and 0 < r["loss"] < 20 for r in records)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("compile", True, "model.compile=true is supported on a CUDA GPU only"),
+    ("attn_implementation", "flex_attention", "FlexAttention has no backward on CPU"),
+    ("attn_implementation", "flash_attention_2", "flash_attention_2 needs a CUDA GPU")])
+def test_switches_the_cpu_cannot_run_are_rejected_clearly(key, value, message):
+    from trainer.config import ConfigError, RootConfig
+    from trainer.validate import validate
+
+    cfg = RootConfig()
+    cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
+    setattr(cfg.model, key, value)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, has_cuda=False, check_files=False)

@@ -1,0 +1,208 @@
+"""One-process checks of the checkpoint protocol: manifest, verification, fallback, rotation,
+crash offsets (T3/T4), corruption (T6), the safe loader (T10), world-size planning (T5 refusal).
+
+Checkpoints here are folders laid out like DeepSpeed's (real torch.save files), committed with the
+real `write_manifest`; the distributed tests in test_reliability.py cover the same code on real runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint
+from trainer.checkpoint import CheckpointError
+
+SHARDS = ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+          "zero_pp_rank_1_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+          "rng_rank0.pt", "rng_rank1.pt")
+
+
+def write_checkpoint(root: Path, step: int, commit: bool = True, value: float = 1.0) -> Path:
+    """A checkpoint folder as `checkpoint.save` leaves it: shards, rng, state, manifest, latest."""
+    folder = root / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    for i, name in enumerate(SHARDS):
+        torch.save({"weights": torch.full((64,), value + i), "step": step}, folder / name)
+    (folder / checkpoint.STATE).write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 3,
+                                                       "global_batch": 8}))
+    if commit:
+        checkpoint.write_manifest(folder)
+        (root / checkpoint.LATEST).write_text(folder.name)
+    return folder
+
+
+def resume_choice(root: Path) -> tuple[str | None, list[str]]:
+    messages = []
+    found = checkpoint.find_resume_checkpoint(root, log=messages.append)
+    return (found.name if found else None), messages
+
+
+# ---------------------------------------------------------------- manifest and fallback (T6)
+def test_committed_checkpoint_verifies_and_is_chosen(tmp_path):
+    write_checkpoint(tmp_path, 2)
+    write_checkpoint(tmp_path, 4)
+    assert checkpoint.verify(tmp_path / "step-00000004") is None
+    assert resume_choice(tmp_path) == ("step-00000004", [])
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "size"), ("flip", "checksum mismatch"), ("missing", "missing"), ("manifest", "unreadable manifest"),
+])
+def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, damage, expected):
+    write_checkpoint(tmp_path, 2)
+    folder = write_checkpoint(tmp_path, 4)
+    shard = folder / SHARDS[1]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "missing":
+        shard.unlink()
+    else:
+        (folder / checkpoint.MANIFEST).write_text("{not json")
+    chosen, messages = resume_choice(tmp_path)
+    assert chosen == "step-00000002"
+    assert any(expected in m and "step-00000004" in m for m in messages), messages
+    if damage != "manifest":
+        assert any(SHARDS[1] in m for m in messages), messages  # the error names the file
+
+
+@pytest.mark.parametrize("latest", ["", "step-00000099", "dangling-link"])
+def test_empty_or_dangling_latest_is_reported_and_ignored(tmp_path, latest):
+    write_checkpoint(tmp_path, 2)
+    pointer = tmp_path / checkpoint.LATEST
+    pointer.unlink()
+    if latest == "dangling-link":
+        pointer.symlink_to(tmp_path / "nowhere")
+    else:
+        pointer.write_text(latest)
+    chosen, messages = resume_choice(tmp_path)
+    assert chosen == "step-00000002" and len(messages) == 1 and str(pointer) in messages[0]
+
+
+def test_no_good_checkpoint_means_a_fresh_start(tmp_path):
+    folder = write_checkpoint(tmp_path, 2)
+    (folder / SHARDS[0]).write_bytes(b"")
+    assert resume_choice(tmp_path)[0] is None
+
+
+# ---------------------------------------------------------------- crash at any byte of a save (T3, T4)
+def save_stream(folder: Path, root: Path) -> list[tuple[Path, bytes]]:
+    """The writes `checkpoint.save` makes, in its order: shards and rng (ranks), state, manifest, latest."""
+    order = [*SHARDS, checkpoint.STATE, checkpoint.MANIFEST]
+    writes = [(folder / name, (folder / name).read_bytes()) for name in order]
+    return writes + [(root / checkpoint.LATEST, folder.name.encode())]
+
+
+def test_a_crash_at_any_offset_of_a_save_never_loses_the_previous_checkpoint(tmp_path):
+    """Replay a real save byte by byte and cut it at 40 offsets (in every file, between files)."""
+    template = write_checkpoint(tmp_path / "template", 4, value=7.0)
+    stream = save_stream(template, tmp_path / "template")
+    total = sum(len(data) for _, data in stream)
+    offsets = sorted({int(total * i / 40) for i in range(40)} | {total})
+    for offset in offsets:
+        root = tmp_path / f"cut{offset}"
+        write_checkpoint(root, 2)  # the previous complete checkpoint (keep_last=1 would keep only it)
+        left = offset
+        for path, data in stream:  # the files this far, the one being written cut short (harsher
+            if left <= 0:          # than the real save, whose manifest goes through a .tmp rename)
+                break
+            target = root / path.relative_to(tmp_path / "template")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data[:left])
+            left -= len(data)
+        chosen, _ = resume_choice(root)
+        manifest_done = offset >= sum(len(d) for _, d in stream[:-1])
+        assert chosen == ("step-00000004" if manifest_done else "step-00000002"), (offset, total)
+        checkpoint.rotate(root, keep_last=1)
+        assert checkpoint.verify(root / chosen) is None and len(checkpoint.committed_tags(root)) >= 1
+    print(f"T3/T4: save cut at {len(offsets)} offsets of {total} bytes; every resume chose a complete checkpoint")
+
+
+def test_rotation_keeps_newest_good_and_never_touches_other_folders(tmp_path):
+    for step in (2, 4, 6, 8):
+        write_checkpoint(tmp_path, step)
+    (tmp_path / "step-00000010").mkdir()  # a save in progress (no manifest)
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    corrupt = tmp_path / "step-00000008" / SHARDS[0]
+    corrupt.write_bytes(b"x")  # the newest is broken: it must not count as one kept
+    checkpoint.rotate(tmp_path, keep_last=2)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert left == ["my-notes", "step-00000004", "step-00000006", "step-00000008", "step-00000010"]
+
+
+# ---------------------------------------------------------------- safety of loading (T10) and of saving (T8)
+class Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    folder = write_checkpoint(tmp_path, 2)
+    evil = folder / SHARDS[1]
+    torch.save({"weights": torch.zeros(2), "payload": Exploit(marker)}, evil)
+    checkpoint.write_manifest(folder)  # an attacker can forge a manifest too
+    with pytest.raises(CheckpointError, match=SHARDS[1]):
+        checkpoint.preverify_loadable(folder)
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(Exploit(marker)))
+    with pytest.raises(CheckpointError, match="raw.pkl"):
+        checkpoint.safe_load(raw)
+    assert not marker.exists()
+
+
+def test_deepspeed_classes_in_the_allowlist_load():
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"stage": ZeroStageEnum.weights, "scaler": LossScaler(1.0)}, buffer)
+    buffer.seek(0)
+    loaded = checkpoint.safe_load(buffer)
+    assert loaded["stage"] == ZeroStageEnum.weights and loaded["scaler"].cur_scale == 1.0
+
+
+def test_nonfinite_tensors_are_found_by_name(tmp_path):
+    path = tmp_path / "optim.pt"
+    torch.save({"state": {0: {"exp_avg": torch.tensor([1.0, float("nan")])}}, "fp32": [torch.ones(2)]}, path)
+    problem = checkpoint.check_finite_files([path])
+    assert problem and "state.0.exp_avg" in problem and "optim.pt" in problem
+    torch.save({"fp32": [torch.ones(2)], "step": torch.tensor(3)}, path)
+    assert checkpoint.check_finite_files([path]) is None
+
+
+def test_rng_state_round_trips_through_the_safe_loader(tmp_path):
+    import random
+    import numpy as np
+
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    checkpoint.set_rng_state(checkpoint.safe_load(tmp_path / "rng.pt"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+# ---------------------------------------------------------------- another world size (T5)
+def test_global_batch_is_kept_or_the_change_refused(tmp_path):
+    from launcher.resume import keep_global_batch
+    from trainer.config import ConfigError, RootConfig
+
+    cfg = RootConfig()
+    cfg.train.micro_batch_size, cfg.train.grad_accum = 2, 1
+    keep_global_batch(cfg, saved_global=8, world=1, folder=tmp_path)
+    assert cfg.train.grad_accum == 4
+    cfg.train.micro_batch_size = 3
+    with pytest.raises(ConfigError, match=r"global batch is 8 samples.*micro_batch_size in \[1, 2, 4, 8\]"):
+        keep_global_batch(cfg, saved_global=8, world=1, folder=tmp_path)

@@ -1,0 +1,44 @@
+"""One-process checks of the heartbeat watchdog's judgement (the real hang is T12 in test_reliability)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from trainer.control import describe_stragglers, likely_stuck, process_state, stale_ranks
+
+
+def write_beat(run_dir, rank, step, phase, age_s, pid):
+    folder = run_dir / "heartbeats"
+    folder.mkdir(exist_ok=True)
+    (folder / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "step": step, "phase": phase,
+                                                         "time": time.time() - age_s, "pid": pid}))
+
+
+def test_a_stopped_rank_is_named_even_when_it_is_not_behind(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        assert process_state(sleeper.pid) == "stopped"
+        write_beat(tmp_path, 0, 5, "backward", age_s=20, pid=os.getpid())  # waiting in a collective
+        write_beat(tmp_path, 1, 5, "forward", age_s=15, pid=sleeper.pid)
+        stale = stale_ranks(tmp_path, timeout_s=10)
+        assert [b["rank"] for b in stale] == [0, 1]
+        assert [b["rank"] for b in likely_stuck(stale)] == [1]
+        assert "likely stuck: rank 1 (pid %d, stopped)" % sleeper.pid in describe_stragglers(tmp_path)
+    finally:
+        sleeper.kill()
+
+
+def test_finished_fresh_and_dead_ranks_are_not_stale(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_beat(tmp_path, 0, 8, "done", age_s=500, pid=os.getpid())
+    write_beat(tmp_path, 1, 8, "forward", age_s=1, pid=os.getpid())
+    write_beat(tmp_path, 2, 3, "forward", age_s=500, pid=dead.pid)
+    assert stale_ranks(tmp_path, timeout_s=10) == []
+    assert [b["rank"] for b in likely_stuck([json.loads(p.read_text()) for p in
+                                             sorted((tmp_path / "heartbeats").glob("*.json"))])] == [2]

@@ -1,0 +1,74 @@
+"""The preparation cache: hit on the second run, miss when content changes, one preparer at a time."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+
+import pytest
+
+from trainer.config import DataConfig, ModelConfig
+from trainer.data import build_datasets
+from trainer.data.cache import get_or_prepare
+from trainer.data.errors import DataError
+from trainer.model import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama"))
+
+
+def test_second_run_hits_and_a_content_change_misses(tok, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    shutil.copy("tests/fixtures/data/messages.jsonl", data)
+    cfg = DataConfig(train_files=[str(data)], cache_dir=str(tmp_path / "cache"))
+    first, _ = build_datasets(cfg, tok)
+    second, _ = build_datasets(cfg, tok)
+    assert (first.report["cache_misses"], second.report["cache_hits"]) == (1, 1)
+    assert [second[i] for i in range(len(second))] == [first[i] for i in range(len(first))]
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # same name, new content
+    third, _ = build_datasets(cfg, tok)
+    assert third.report["cache_misses"] == 1 and len(third) == len(first) + 1
+    other, _ = build_datasets(DataConfig(train_files=[str(data)], cache_dir=cfg.cache_dir, loss_on="all"), tok)
+    assert other.report["cache_misses"] == 1  # settings are part of the key
+
+
+def _slow_prepare(root, key, marker):
+    def prepare(folder):
+        folder.mkdir(parents=True)
+        time.sleep(1.5)
+        with open(marker, "a") as handle:
+            handle.write("prepared\n")
+        (folder / "meta.json").write_text(json.dumps({"ok": True}))
+    get_or_prepare(root, key, prepare, poll_s=0.05)
+
+
+def test_one_process_prepares_the_others_wait(tmp_path):
+    marker = tmp_path / "marker"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_slow_prepare, args=(tmp_path / "c", "k", marker)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert marker.read_text() == "prepared\n"  # exactly one preparer
+    assert not (tmp_path / "c" / "k.lock").exists()
+
+
+def test_a_waiter_gets_the_preparers_error_and_a_dead_holder_is_replaced(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    (root / "k.lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": 2 ** 22 + 7}))
+    folder, hit = get_or_prepare(root, "k", lambda f: (f.mkdir(), (f / "meta.json").write_text("{}")), poll_s=0.01)
+    assert folder.name == "k" and not hit  # the lock of a dead pid was taken over
+
+    def failing(folder):
+        raise DataError("a.jsonl:3", "malformed JSON", "malformed_json")
+    with pytest.raises(DataError, match="a.jsonl:3"):
+        get_or_prepare(root, "bad", failing)
+    (root / "bad.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # a live holder on another node
+    with pytest.raises(DataError, match="a.jsonl:3: malformed JSON"):
+        get_or_prepare(root, "bad", failing, poll_s=0.01)

@@ -1,0 +1,35 @@
+"""cluster=hostfile without ssh: the same command on each "node" (here: twice on this machine), each
+with its node rank, forms one world through the deepspeed launcher's --no_ssh mode and trains."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+from helpers import REPO, TINY, losses
+from launcher.local import free_port
+
+pytestmark = pytest.mark.distributed
+
+
+def test_two_node_launchers_form_one_world(tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    common = ["train", f"run.dir={run_dir}", *TINY, "train.max_steps=4", "eval.prompts_file=null",
+              "eval.general_files=[]", "eval.max_batches=2", "checkpoint.export_final=false",
+              "cluster=hostfile", "cluster.no_ssh=true", "cluster.nnodes=2", "cluster.nproc_per_node=1",
+              "cluster.master_addr=127.0.0.1", f"cluster.master_port={port}", "cluster.threads_per_rank=1"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
+                              cwd=REPO, env=helpers.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for rank, (node, out) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"
+        assert f"node {rank}/2" in out and f"--node_rank={rank}" in out, out[-3000:]
+    values = losses(run_dir)
+    assert len(values) == 4 and all(v == v for v in values)
+    # Both ranks took part: one heartbeat each, and ds_config was written for a world of 2.
+    assert sorted(p.name for p in (run_dir / "heartbeats").glob("rank*.json")) == ["rank0.json", "rank1.json"]
+    assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2 * 2

@@ -1,0 +1,139 @@
+"""peft methods and exports: every method trains under ZeRO-2 and ZeRO-3 on 2 CPU ranks, and what it
+exports loads with plain transformers / peft (tests/fixtures/peft_export/load_and_compare.py runs in
+a separate interpreter that imports no shardtune code) giving the trainer's own logits.
+
+ZeRO-3 runs use stage3_param_persistence_threshold=0, so every parameter - adapters included - is
+partitioned: an export that forgot to gather would write empty tensors and fail here.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, shardtune, train
+from helpers import test_env as shardtune_env
+from trainer.config import PeftConfig, RootConfig
+from trainer.validate import ConfigError, validate
+
+LOADER = REPO / "tests" / "fixtures" / "peft_export" / "load_and_compare.py"
+METHODS = ["none", "lora", "dora", "ia3", "prefix_tuning"]
+TOLERANCE = 1e-4  # max |logit difference| in fp32 between the trainer and the reloaded export
+
+
+def load_and_compare(export_dir: Path, probe: Path) -> dict:
+    """Run the plain-transformers loader in a fresh interpreter; return its JSON facts."""
+    proc = subprocess.run([sys.executable, str(LOADER), str(export_dir), str(probe)], env=shardtune_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- unit: no subprocess, no ranks
+@pytest.mark.parametrize("method,kind", [("lora", "LoraConfig"), ("dora", "LoraConfig"), ("ia3", "IA3Config"),
+                                         ("prefix_tuning", "PrefixTuningConfig")])
+def test_peft_config_per_method(method, kind):
+    from trainer.peft_methods import peft_config
+
+    config = peft_config(PeftConfig(method=method, target_modules="family", use_rslora=True,
+                                    modules_to_save=["lm_head"]), "qwen2_5")
+    assert type(config).__name__ == kind
+    assert config.modules_to_save == ["lm_head"]
+    if method in ("lora", "dora"):
+        assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}
+        assert config.use_rslora and config.use_dora == (method == "dora")
+    if method == "ia3":
+        assert set(config.target_modules) == {"k_proj", "v_proj", "down_proj"}
+        assert set(config.feedforward_modules) == {"down_proj"}
+
+
+def test_lora_all_linear_skips_the_output_head():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.peft_methods import apply_peft
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "trainer/builtin/tiny-llama"))
+    peft_model = apply_peft(model, PeftConfig(method="lora", r=4, target_modules="all-linear"), "llama")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    per_layer = {n.split(".layers.")[1].split(".")[2] for n in trainable}  # q_proj, ..., down_proj
+    assert per_layer == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_qlora_on_cpu_is_a_clear_error_before_launch():
+    cfg = RootConfig()
+    cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
+    cfg.peft.method, cfg.peft.quantize_4bit = "lora", True
+    with pytest.raises(ConfigError, match=r"peft.quantize_4bit=true \(QLoRA\) needs a CUDA GPU"):
+        validate(cfg, has_cuda=False, check_files=False)
+
+
+def test_shard_writer_splits_and_indexes(tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.export import ShardWriter
+
+    writer = ShardWriter(tmp_path, max_bytes=2500)
+    tensors = {f"w{i}": torch.full((300,), float(i)) for i in range(5)}  # 1200 bytes each, 2 a shard: 3 shards
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    paths = writer.close()
+    assert [p.name for p in paths] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 5 * 1200
+    for name, file in index["weight_map"].items():
+        assert torch.equal(load_file(str(tmp_path / file))[name], tensors[name])
+
+
+# ---------------------------------------------------------------- distributed: real DeepSpeed, 2 ranks
+def run_method(tmp_path: Path, method: str, stage: int, *extra: str) -> Path:
+    run_dir = tmp_path / f"{method}-zero{stage}"
+    overrides = [f"peft={method}", f"deepspeed.stage={stage}", "train.max_steps=2", "optim.lr=1e-3",
+                 "data.max_seq_len=64", *extra]
+    if stage == 3:
+        overrides.append("deepspeed.stage3_param_persistence_threshold=0")  # partition even the adapters
+    proc = train(run_dir, *overrides)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return run_dir
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("method", METHODS)
+def test_method_trains_and_final_export_reloads_with_same_logits(tmp_path, method, stage):
+    run_dir = run_method(tmp_path, method, stage, "checkpoint.save_final=false")  # the live export only
+    facts = load_and_compare(run_dir / "export", run_dir / "export_probe.pt")
+    assert facts["max_diff"] < TOLERANCE, facts
+    if method != "none":
+        assert all(n > 0 for n in facts["adapter_numels"].values()), facts  # never an empty adapter
+        assert facts["adapter_abs_sum"] > 0
+        assert facts["base_max_diff"] > 1e-6, "the adapter should change the model's output"
+
+
+@pytest.mark.distributed
+def test_offline_export_adapter_merge_and_sharded_full_model(tmp_path):
+    """`shardtune export` from ZeRO-3 checkpoints: adapter, merged model, and a sharded full model."""
+    lora = run_method(tmp_path, "lora", 3, "peft.modules_to_save=[lm_head]")
+    probe = lora / "export_probe.pt"
+    proc = shardtune("export", str(lora), "--out", str(tmp_path / "adapter"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert load_and_compare(tmp_path / "adapter", probe)["max_diff"] < TOLERANCE
+    proc = shardtune("export", str(lora), "--step", "2", "--merge", "--out", str(tmp_path / "merged"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert json.loads((tmp_path / "merged" / "shardtune_export.json").read_text())["merge_max_logit_diff"] < TOLERANCE
+    assert load_and_compare(tmp_path / "merged", probe)["max_diff"] < TOLERANCE
+    missing = shardtune("export", str(lora), "--step", "7", "--out", str(tmp_path / "x"))
+    assert missing.returncode != 0 and "committed steps: 2" in missing.stdout
+
+    full = run_method(tmp_path, "none", 3)
+    proc = shardtune("export", str(full), "--max-shard-size", "1MB", "--out", str(tmp_path / "full"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert len(list((tmp_path / "full").glob("model-*-of-*.safetensors"))) >= 2  # streamed into shards
+    assert (tmp_path / "full" / "generation_config.json").is_file()
+    assert load_and_compare(tmp_path / "full", full / "export_probe.pt")["max_diff"] < TOLERANCE

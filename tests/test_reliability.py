@@ -1,0 +1,297 @@
+"""Faults injected into real 2-rank DeepSpeed runs (tiny Llama, CPU, gloo): the table T0-T13 of
+shared/notes/reliability.md (T7 data, T9 config and T11 Slurm live in their own test files).
+
+Every test compares against one uninterrupted reference run (module fixture `reference`): 8 steps,
+ZeRO-3, 2 ranks, a checkpoint every 2 steps. Faults are placed at known steps with
+`train.fault_injection.pause_at_step` (a rank sleeps there and says so in its heartbeat), so the
+test kills or signals it at that step instead of racing the loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, losses, metrics, test_env, train
+from trainer import checkpoint
+from trainer.control import EXIT_HUNG, EXIT_NONFINITE, EXIT_RESUME_ME
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 8
+BASE = [*TINY, f"train.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=0",
+        "checkpoint.export_final=false", "eval.max_batches=1"]
+EXACT = 1e-5  # same world size and stage: a resumed loss equals the uninterrupted one to this
+RESHARDED = 1e-4  # another world size or stage: reductions run in another order
+SENTINEL = "st-sentinel-0123456789abcdef0123456789abcdef"
+
+
+# ---------------------------------------------------------------- helpers
+def start(run_dir: Path, *overrides: str, env=None) -> subprocess.Popen:
+    """`shardtune train` in the background, output to <run_dir>.log (read by `output`)."""
+    log = open(f"{run_dir}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", f"run.dir={run_dir}", *BASE, *overrides],
+                            cwd=REPO, env=test_env(env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def output(run_dir: Path) -> str:
+    return Path(f"{run_dir}.log").read_text()
+
+
+def wait_for_beat(run_dir: Path, rank: int, phase=None, min_step: int = 0, timeout: float = 240) -> dict:
+    """Poll rank `rank`'s heartbeat until it is in `phase` (any if None) at step >= min_step."""
+    path = Path(run_dir) / "heartbeats" / f"rank{rank}.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            beat = json.loads(path.read_text())
+            if (phase is None or beat["phase"] == phase) and beat["step"] >= min_step:
+                return beat
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"rank {rank} never reached phase {phase} step >= {min_step}:\n{output(run_dir)[-3000:]}")
+
+
+def job_processes(run_dir: Path) -> list[str]:
+    """Processes whose command line names this run directory (ranks, launchers): orphans if any."""
+    ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if str(run_dir) in line and "ps -eo" not in line]
+
+
+def run_ok(run_dir: Path, *overrides: str, env=None, expect: int = 0) -> subprocess.CompletedProcess:
+    proc = train(run_dir, *BASE[len(TINY):], *overrides, env=env)
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}):\n{proc.stdout[-5000:]}"
+    return proc
+
+
+def by_step(run_dir: Path) -> dict:
+    return {r["step"]: r for r in metrics(run_dir)}
+
+
+def max_loss_diff(run_dir: Path, reference: Path, steps) -> float:
+    got, want = by_step(run_dir), by_step(reference)
+    return max(abs(got[s]["loss"] - want[s]["loss"]) for s in steps)
+
+
+def keep_only_checkpoint(source: Path, target: Path, step: int) -> None:
+    """A copy of `source` whose only checkpoint is `step`: as if the run had died right after it."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("heartbeats", "control", "hydra"))
+    root = checkpoint.checkpoint_root(target)
+    for folder in root.glob("step-*"):
+        if folder.name != checkpoint.tag_for(step):
+            shutil.rmtree(folder)
+    (root / "latest").write_text(checkpoint.tag_for(step))
+
+
+def fp32_state(folder: Path) -> dict:
+    """Every tensor of every optimizer shard of a checkpoint (fp32 master weights and Adam moments)."""
+    tensors = {}
+
+    def walk(obj, name):
+        import torch
+        if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+            tensors[name] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{name}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{name}[{i}]")
+
+    for path in sorted(folder.glob("*optim_states.pt")):
+        walk(checkpoint.safe_load(path), path.name)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_ok(run_dir)
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    return run_dir
+
+
+# ---------------------------------------------------------------- T0
+def test_t0_identical_runs_are_identical(reference, tmp_path):
+    run_ok(tmp_path / "again")
+    diff = max(abs(a - b) for a, b in zip(losses(reference), losses(tmp_path / "again")))
+    print(f"T0: largest per-step loss difference between two identical runs: {diff:.2e}")
+    assert len(losses(tmp_path / "again")) == STEPS and diff <= 1e-6
+    mine = fp32_state(checkpoint.checkpoint_root(tmp_path / "again") / checkpoint.tag_for(STEPS))
+    theirs = fp32_state(checkpoint.checkpoint_root(reference) / checkpoint.tag_for(STEPS))
+    assert mine.keys() == theirs.keys() and mine
+    weight_diff = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
+    print(f"T0: largest difference of final weights and optimizer state: {weight_diff:.2e}")
+    assert weight_diff == 0.0
+
+
+# ---------------------------------------------------------------- T1 + T3 + T10 + T13
+def test_t1_kill9_one_rank_then_resume_exactly(reference, tmp_path):
+    """kill -9 rank 1 in step 6 (checkpoints 2 and 4 committed, steps 1-5 logged to W&B offline), with a
+    sentinel WANDB_API_KEY; then plant a partial step-6 checkpoint that `latest` names, and resume."""
+    run_dir = tmp_path / "killed"
+    env = {"WANDB_API_KEY": SENTINEL, "WANDB_MODE": "offline"}
+    wandb = ["logger=wandb", "logger.mode=offline"]
+    job = start(run_dir, *wandb, "+train.fault_injection.pause_at_step=6", "+train.fault_injection.pause_rank=1",
+                "+train.fault_injection.pause_seconds=300", env=env)
+    beat = wait_for_beat(run_dir, rank=1, phase="paused")
+    os.kill(beat["pid"], signal.SIGKILL)
+    killed_at = time.time()
+    code = job.wait(timeout=120)
+    exit_s = time.time() - killed_at
+    time.sleep(0.5)
+    leftovers = job_processes(run_dir)
+    print(f"T1: launcher exited {code} {exit_s:.1f}s after kill -9 of rank 1; {len(leftovers)} processes left")
+    assert code != 0 and exit_s <= 30 and leftovers == [], output(run_dir)[-3000:]
+
+    # T3: a crash mid-save of step 6 (shards written, no manifest) and `latest` already naming it.
+    root = checkpoint.checkpoint_root(run_dir)
+    partial = root / checkpoint.tag_for(6)
+    shutil.copytree(root / checkpoint.tag_for(4), partial, ignore=shutil.ignore_patterns(checkpoint.MANIFEST))
+    (root / "latest").write_text(partial.name)
+
+    resumed = run_ok(run_dir, *wandb, env=env)
+    assert f"resumed from {root / checkpoint.tag_for(4)} at step 4" in resumed.stdout
+    assert "skipping checkpoint step-00000006" in resumed.stdout and "no MANIFEST.json" in resumed.stdout
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    diff = max_loss_diff(run_dir, reference, range(1, STEPS + 1))
+    print(f"T1: largest loss difference vs the uninterrupted run after kill -9 + resume: {diff:.2e}")
+    assert diff <= EXACT
+    # Every step trained on the same samples: same token count per step, same total.
+    assert [r["step_tokens"] for r in metrics(run_dir)] == [r["step_tokens"] for r in metrics(reference)]
+    assert metrics(run_dir)[-1]["tokens"] == metrics(reference)[-1]["tokens"]
+
+    # T13: one W&B run id, steps strictly increasing across both launches, none duplicated.
+    run_ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert run_ids == {(run_dir / "wandb_run_id").read_text().strip()}
+    steps = wandb_history_steps(run_dir)
+    print(f"T13: W&B steps over {len(list((run_dir / 'wandb').glob('offline-run-*')))} launches: {steps}")
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS and len(steps) == STEPS
+
+    # T10: the sentinel API key is nowhere in the run directory, the logs or the W&B files.
+    hits = sentinel_hits(run_dir) + output(run_dir).count(SENTINEL) + resumed.stdout.count(SENTINEL)
+    print(f"T10: sentinel WANDB_API_KEY found {hits} times")
+    assert hits == 0
+
+
+def wandb_history_steps(run_dir: Path) -> list[int]:
+    """The `_step` of every history row in every offline W&B run file, in launch order."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal import datastore
+
+    steps = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        store = datastore.DataStore()
+        store.open_for_scan(str(path))
+        while (data := store.scan_data()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            if record.WhichOneof("record_type") == "history":
+                steps.append(int(record.history.step.num))
+    return steps
+
+
+def sentinel_hits(run_dir: Path) -> int:
+    return sum(p.read_bytes().count(SENTINEL.encode()) for p in run_dir.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- T2
+def test_t2_signals_stop_all_ranks_at_one_step_and_lose_nothing(reference, tmp_path):
+    """SIGUSR1 to the job (the launcher) in step 3, SIGTERM to rank 1 alone in step 6, then finish."""
+    run_dir = tmp_path / "signalled"
+    root = checkpoint.checkpoint_root(run_dir)
+    for step, target, sig in ((3, "job", signal.SIGUSR1), (6, "rank", signal.SIGTERM)):
+        job = start(run_dir, f"+train.fault_injection.pause_at_step={step}", "+train.fault_injection.pause_rank=1",
+                    "+train.fault_injection.pause_seconds=2")
+        beat = wait_for_beat(run_dir, rank=1, phase="paused", min_step=step - 1)
+        os.kill(job.pid if target == "job" else beat["pid"], sig)
+        signalled_at = time.time()
+        code = job.wait(timeout=240)
+        manifest = root / checkpoint.tag_for(step) / checkpoint.MANIFEST
+        assert code == EXIT_RESUME_ME and manifest.is_file(), f"exit {code}\n{output(run_dir)[-3000:]}"
+        print(f"T2: {sig.name} to the {target} in step {step}: exit {code}, checkpoint committed "
+              f"{manifest.stat().st_mtime - signalled_at:.1f}s after the signal")
+        assert checkpoint.verify(manifest.parent) is None
+        assert checkpoint.read_state(manifest.parent)["step"] == step
+        beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("rank*.json")]
+        assert {(b["step"], b["phase"]) for b in beats} == {(step, "done")}, beats  # both ranks, same step
+        assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 1))  # 0 steps lost
+    run_ok(run_dir)
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    diff = max_loss_diff(run_dir, reference, range(1, STEPS + 1))
+    print(f"T2: largest loss difference vs the uninterrupted run after two stops: {diff:.2e}")
+    assert diff <= EXACT
+
+
+# ---------------------------------------------------------------- T5
+def test_t5_resume_on_another_world_size_and_stage(reference, tmp_path):
+    """2 ranks ZeRO-3 -> 1 rank ZeRO-2, and 1 rank ZeRO-2 -> 2 ranks ZeRO-3, from step 4."""
+    down = tmp_path / "two-to-one"
+    keep_only_checkpoint(reference, down, 4)
+    proc = run_ok(down, "cluster.nproc_per_node=1", "deepspeed=zero2")
+    assert "train.grad_accum 1 -> 2" in proc.stdout and "universal" in proc.stdout
+    diff_down = max_loss_diff(down, reference, range(5, STEPS + 1))
+
+    single = tmp_path / "one-rank"
+    run_ok(single, "cluster.nproc_per_node=1", "deepspeed=zero2", "train.grad_accum=2")
+    diff_single = max_loss_diff(single, reference, range(1, STEPS + 1))
+    up = tmp_path / "one-to-two"
+    keep_only_checkpoint(single, up, 4)
+    proc = run_ok(up, "train.grad_accum=2")  # 2 ranks x 2 x 2 = 8 != 4: the launcher corrects it
+    assert "train.grad_accum 2 -> 1" in proc.stdout
+    diff_up = max_loss_diff(up, single, range(5, STEPS + 1))
+    print(f"T5: largest loss difference, steps 5-8: 2->1 ranks (ZeRO-3 -> ZeRO-2) {diff_down:.2e}; "
+          f"1->2 ranks (ZeRO-2 -> ZeRO-3) {diff_up:.2e}; 1-rank ZeRO-2 run vs 2-rank ZeRO-3 run {diff_single:.2e}")
+    assert max(diff_down, diff_up, diff_single) <= RESHARDED
+
+
+# ---------------------------------------------------------------- T8
+def test_t8_nonfinite_loss_and_gradients_are_skipped_then_abort(tmp_path):
+    """NaN loss on rank 1 only in step 2, inf gradients (finite loss) in step 4, NaN in steps 6-8: abort."""
+    run_dir = tmp_path / "nan"
+    proc = run_ok(run_dir, "checkpoint.every_steps=1", "train.max_nonfinite_steps=3",
+                  "+train.fault_injection.nan_at_step=[1,5,6,7]", "+train.fault_injection.nan_rank=1",
+                  "+train.fault_injection.inf_grad_at_step=4", expect=EXIT_NONFINITE)
+    records = by_step(run_dir)
+    skipped = [s for s, r in records.items() if r["skipped"]]
+    print(f"T8: skipped steps {skipped}; aborted with exit {proc.returncode}")
+    assert skipped == [2, 4, 6, 7] and 8 not in records
+    assert "aborting: 3 non-finite steps in a row (last step 8)" in proc.stdout
+    assert all(math.isfinite(records[s]["loss"]) for s in (1, 3, 5))
+    root = checkpoint.checkpoint_root(run_dir)
+    states = {s: fp32_state(root / checkpoint.tag_for(s)) for s in range(1, 8)}
+    for before, after in ((1, 2), (3, 4)):  # a skipped step leaves the weights as they were
+        weights = [k for k in states[after] if "fp32" in k or "single_partition" in k]
+        assert weights and all(bool((states[after][k] == states[before][k]).all()) for k in weights)
+    bad = [name for s in states for name, t in states[s].items() if not bool(t.isfinite().all())]
+    print(f"T8: {sum(len(v) for v in states.values())} tensors in 7 checkpoints, {len(bad)} non-finite")
+    assert bad == []
+
+
+# ---------------------------------------------------------------- T12
+def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path):
+    run_dir = tmp_path / "hung"
+    timeout_s = 8
+    job = start(run_dir, "train.max_steps=400", "checkpoint.every_steps=0", f"cluster.heartbeat_timeout_s={timeout_s}")
+    beat = wait_for_beat(run_dir, rank=1, min_step=3)
+    os.kill(beat["pid"], signal.SIGSTOP)
+    stopped_at = time.time()
+    code = job.wait(timeout=120)
+    exit_s = time.time() - stopped_at
+    time.sleep(0.5)
+    leftovers = job_processes(run_dir)
+    text = output(run_dir)
+    print(f"T12: SIGSTOP rank 1 at step {beat['step']}: job ended {exit_s:.1f}s later (timeout {timeout_s}s), "
+          f"exit {code}; {len(leftovers)} processes left")
+    assert code == EXIT_HUNG and exit_s <= timeout_s + 10 and leftovers == []
+    stuck = text[text.index("stuck: "):].splitlines()[0]
+    assert "rank 1 " in stuck and "stopped" in stuck and "at step" in stuck, text[-3000:]

@@ -1,0 +1,123 @@
+"""The preparation cache: one folder per (source content, tokenizer, settings), prepared by one
+process while the others wait on a lock file.
+
+Waiting is a file-system poll, not a collective: a collective would time out on a large dataset
+(cluster.timeout_s) and kill the job; a poll waits as long as the preparer makes progress. The lock
+names its holder (host, pid); a waiter on the same host whose holder died takes the lock over, so a
+crashed preparer never blocks the next run. A preparer that fails in strict mode writes the error
+beside the lock, so every waiter fails with the same file:line message instead of waiting forever.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from trainer.config import DataConfig
+from trainer.data.errors import DataError
+
+# Bump when the prepared format or the rendering rules change: old entries then miss.
+PIPELINE_VERSION = 3
+SETTINGS = ("format", "fields", "loss_on", "max_seq_len", "length_policy", "on_error")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SHARDTUNE_DATA_CACHE", Path.home() / ".cache" / "shardtune" / "data"))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else str(tokenizer.get_vocab()).encode())
+    for part in (tokenizer.chat_template or "", str(tokenizer.eos_token_id), str(tokenizer.bos_token_id),
+                 str(getattr(tokenizer, "add_bos_token", None))):
+        digest.update(b"\0" + str(part).encode())
+    return digest.hexdigest()
+
+
+def cache_key(source_fingerprint: str, tokenizer_print: str, cfg: DataConfig) -> str:
+    settings = {k: v for k, v in asdict(cfg).items() if k in SETTINGS}
+    payload = json.dumps({"v": PIPELINE_VERSION, "data": source_fingerprint, "tokenizer": tokenizer_print,
+                          "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+
+def _holder_dead(lock: Path) -> bool:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return False  # being written right now
+    if holder.get("host") != socket.gethostname():
+        return False  # cannot tell from here; another node's preparer
+    try:
+        os.kill(int(holder["pid"]), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+
+
+def _try_lock(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(_holder()))
+    return True
+
+
+def get_or_prepare(root: Path, key: str, prepare: Callable[[Path], dict], log=None,
+                   poll_s: float = 0.5) -> tuple[Path, bool]:
+    """The ready folder for `key`, prepared by `prepare(tmp_folder)` unless another process does
+    it; returns (folder, hit) with hit=True when it was already there or prepared by another."""
+    root.mkdir(parents=True, exist_ok=True)
+    final, lock, failed = root / key, root / f"{key}.lock", root / f"{key}.error"
+    waited, last_note = False, time.time()
+    while True:
+        if (final / "meta.json").is_file():
+            return final, True
+        if waited and failed.is_file():  # preparation is deterministic: the holder's error is ours too
+            error = json.loads(failed.read_text())
+            raise DataError(error["where"], error["problem"], error["reason"])
+        if _try_lock(lock):
+            break
+        if _holder_dead(lock):
+            lock.unlink(missing_ok=True)
+            continue
+        waited = True
+        if log and time.time() - last_note > 30:
+            log(f"waiting for another process to prepare {final} ({lock} held)")
+            waited, last_note = False, time.time()
+        time.sleep(poll_s)
+    try:
+        if (final / "meta.json").is_file():  # finished between our check and our lock
+            return final, True
+        failed.unlink(missing_ok=True)
+        tmp = root / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            prepare(tmp)
+        except DataError as err:
+            failed.write_text(json.dumps({"where": err.where, "problem": err.problem, "reason": err.reason}))
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+        return final, False
+    finally:
+        lock.unlink(missing_ok=True)
+

@@ -1,0 +1,195 @@
+"""Where records come from: files (JSONL, JSON, Parquet, CSV/TSV, globs), `save_to_disk` folders
+and hub datasets. Each source yields `(where, record)` with `where` naming the file and line (or
+row), and a fingerprint of its content for the preparation cache.
+
+A bad line does not raise here: it is yielded as a DataError in place of the record, so the
+caller decides (strict: stop; skip: count) and keeps the exact position.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+from trainer.data.errors import DataError
+
+HUB_PREFIX = "hf://"
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+              ".csv": "csv", ".tsv": "tsv"}
+BOM = "\ufeff"
+NEWLINE = b"\n"
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # jsonl | json | parquet | csv | tsv | disk | hub
+    path: str  # a file, a folder, or "owner/name" (hub)
+    split: str = "train"  # disk (DatasetDict) and hub only
+
+    def __str__(self) -> str:
+        return self.path if self.kind not in ("hub",) else f"{HUB_PREFIX}{self.path}:{self.split}"
+
+
+def is_disk_dataset(path: str) -> bool:
+    """A folder written by `datasets.save_to_disk` (a Dataset or a DatasetDict)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f))
+                                       for f in ("state.json", "dataset_dict.json"))
+
+
+def resolve(pattern: str) -> List[Source]:
+    """Expand one entry of data.train_files / eval_files into sources, or raise naming it."""
+    if pattern.startswith(HUB_PREFIX):
+        name, _, split = pattern[len(HUB_PREFIX):].partition(":")
+        return [Source("hub", name, split or "train")]
+    path, _, split = pattern.partition("::")  # folder::split picks a split of a DatasetDict
+    matched = sorted(glob.glob(os.path.expanduser(path)))
+    if not matched:
+        raise DataError(pattern, "matches no file")
+    sources = []
+    for item in matched:
+        if is_disk_dataset(item):
+            sources.append(Source("disk", item, split or "train"))
+            continue
+        if os.path.isdir(item):
+            raise DataError(item, "is a folder but not one written by datasets.save_to_disk "
+                                  "(no state.json or dataset_dict.json); give a glob such as folder/*.jsonl")
+        kind = FILE_KINDS.get(Path(item).suffix.lower())
+        if kind is None:
+            raise DataError(item, f"unknown file type {Path(item).suffix!r}; valid: {', '.join(FILE_KINDS)}, "
+                                  "a save_to_disk folder or hf://owner/name[:split]")
+        sources.append(Source(kind, item))
+    return sources
+
+
+def fingerprint(source: Source) -> str:
+    """A hash of the source's content (not its name or date): the cache key's data part."""
+    digest = hashlib.sha256(source.kind.encode())
+    if source.kind == "hub":
+        digest.update(_hub_dataset(source)._fingerprint.encode())
+        return digest.hexdigest()
+    files = [source.path] if os.path.isfile(source.path) else sorted(
+        str(p) for p in Path(source.path).rglob("*") if p.is_file())
+    for name in files:
+        digest.update(os.path.relpath(name, source.path).encode())
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    digest.update(source.split.encode())
+    return digest.hexdigest()
+
+
+def read(source: Source) -> Iterator[Tuple[str, object]]:
+    readers = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv,
+               "tsv": _read_csv, "disk": _read_datasets, "hub": _read_datasets}
+    return readers[source.kind](source)
+
+
+def _decode(raw: bytes, where: str, first: bool):
+    """bytes -> str, or a DataError. A BOM opening the file is accepted (editors write one);
+    one anywhere else means files were concatenated and is reported."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return DataError(where, f"invalid UTF-8 at byte {err.start} of the line "
+                                f"(bytes {raw[err.start:err.start + 4]!r}); re-encode the file as UTF-8",
+                         "invalid_utf8")
+    if text.startswith(BOM):
+        if not first:
+            return DataError(where, "a byte-order mark (U+FEFF) starts this line, not the file: "
+                                    "were files concatenated? Strip it (sed -i 's/^\\xEF\\xBB\\xBF//')", "bom")
+        text = text[1:]
+    return text
+
+
+def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
+    with open(source.path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{source.path}:{number}"
+            line = _decode(raw, where, first=number == 1)
+            if isinstance(line, DataError):
+                yield where, line
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, DataError(where, f"malformed JSON: {err.msg} at column {err.colno}", "malformed_json")
+
+
+def _read_json(source: Source) -> Iterator[Tuple[str, object]]:
+    """A JSON array of objects (each record located by its line), or JSON lines named .json."""
+    raw = open(source.path, "rb").read()
+    try:
+        text = raw.decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError as err:
+        where = f"{source.path}:{raw.count(NEWLINE, 0, err.start) + 1}"
+        yield where, DataError(where, f"invalid UTF-8 (bytes {raw[err.start:err.start + 4]!r}); re-encode the "
+                                      "file as UTF-8 (the rest of this file cannot be read)", "invalid_utf8")
+        return
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        yield from _read_jsonl(source)  # many ".json" files are JSON lines
+        return
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        where = f"{source.path}:{text.count(chr(10), 0, pos) + 1}"
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            yield f"{source.path}:{err.lineno}", DataError(
+                f"{source.path}:{err.lineno}", f"malformed JSON: {err.msg} at column {err.colno} "
+                                               "(the rest of this file cannot be read)", "malformed_json")
+            return
+        yield where, record
+
+
+def _read_csv(source: Source) -> Iterator[Tuple[str, object]]:
+    with open(source.path, newline="", encoding="utf-8-sig", errors="strict") as handle:
+        reader = csv.DictReader(handle, delimiter="\t" if source.kind == "tsv" else ",")
+        try:
+            for row in reader:
+                yield f"{source.path}:{reader.line_num}", dict(row)
+        except UnicodeDecodeError as err:
+            where = f"{source.path}:{reader.line_num + 1}"
+            yield where, DataError(where, f"invalid UTF-8 ({err.reason}); re-encode the file as UTF-8 "
+                                          "(the rest of this file cannot be read)", "invalid_utf8")
+
+
+def _read_parquet(source: Source) -> Iterator[Tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(source.path).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{source.path}:row {row}", record
+
+
+def _hub_dataset(source: Source):
+    import datasets
+
+    if source.kind == "disk":
+        loaded = datasets.load_from_disk(source.path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise DataError(source.path, f"has no split {source.split!r}; splits: {', '.join(loaded)} "
+                                             f"(pick one with {source.path}::SPLIT)")
+            loaded = loaded[source.split]
+        return loaded
+    # Needs network access (or a populated HF cache); cannot be tested offline.
+    return datasets.load_dataset(source.path, split=source.split)
+
+
+def _read_datasets(source: Source) -> Iterator[Tuple[str, object]]:
+    for row, record in enumerate(_hub_dataset(source), start=1):
+        yield f"{source}:row {row}", record
