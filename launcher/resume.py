@@ -2,7 +2,7 @@
 
 Before any rank starts, the launcher looks at the checkpoint the run will resume from. If it was
 saved with another world size or ZeRO stage, the launcher converts it once to DeepSpeed's universal
-format (`trainer.checkpoint.to_universal`), points the run at the converted copy with
+format (`trainer.universal.to_universal`), points the run at the converted copy with
 `"checkpoint": {"load_universal": true}`, and recomputes `train.grad_accum` so that the global
 batch (and with it every later step's samples and loss) stays what it was. When no grad_accum
 keeps the global batch, the launch is refused with the numbers that would work.
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from trainer import checkpoint
+from trainer import checkpoint, universal
 from trainer.config import ConfigError, RootConfig
 
 
@@ -67,6 +67,6 @@ def adapt_to_checkpoint(cfg: RootConfig, world: int, convert: bool = True) -> No
     _log(f"{folder.name} was saved on {saved_world} rank(s) with ZeRO-{saved_stage}; this launch has {world} "
          f"rank(s) with ZeRO-{cfg.deepspeed.stage}: resuming through a universal checkpoint")
     if convert:
-        universal = checkpoint.to_universal(folder, log=_log)
-        cfg.resume = str(universal)
+        converted = universal.to_universal(folder, log=_log)
+        cfg.resume = str(converted)
         cfg.deepspeed.extra = {**dict(cfg.deepspeed.extra), "checkpoint": {"load_universal": True}}

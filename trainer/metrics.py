@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Protocol
 
 from trainer.config import RootConfig
+from trainer.wandb_history import last_logged_step
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
 
@@ -73,7 +74,9 @@ class ProgressBar:
         eta = (time.time() - self.started) / max(done, 1) * (self.max_steps - step)
         width = 24
         filled = int(width * step / self.max_steps)
-        print(f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.max_steps} loss {record['loss']:.4f} "
+        # A step skipped for a non-finite loss or gradient logs loss None: say so instead of a number.
+        loss = "skipped" if record.get("loss") is None else f"{record['loss']:.4f}"
+        print(f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.max_steps} loss {loss} "
               f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
     def log_table(self, name, step, rows): pass
@@ -105,15 +108,25 @@ class WandbSink:
 
             run_id = generate_id()
             id_file.write_text(run_id)
+        # Steps an earlier launch already logged (it may have run past the checkpoint we resumed
+        # from) are not logged again, so W&B steps stay strictly increasing, none duplicated. Only
+        # steps that reached W&B count: those in the local transaction logs of this run (a killed
+        # launch loses what wandb-core had not flushed yet) or on the server (`starting_step`).
+        logged_on_disk = last_logged_step(run_dir / "wandb", run_id)
         self.wandb = wandb
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                               tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
                               dir=str(run_dir), mode=cfg.logger.mode, config=public_config(cfg_dict))
-        # Steps an earlier launch already logged (it may have run past the checkpoint we resumed
-        # from) are not logged again: W&B steps stay strictly increasing, none duplicated.
-        self.step_file = run_dir / "wandb_last_step"
-        self.logged_before = int(self.step_file.read_text()) if self.step_file.exists() else -1
+        self.logged_before = max(logged_on_disk, self.run.starting_step - 1)
         self.skipped = 0
+        self._backfill(run_dir / "metrics.jsonl")
+
+    def _backfill(self, jsonl: Path) -> None:
+        """Log the steps up to the resumed checkpoint that metrics.jsonl holds and W&B lost."""
+        if jsonl.exists():
+            for line in jsonl.read_text().splitlines():
+                if line.strip():
+                    self.log(json.loads(line))
 
     def log(self, record):
         data = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
@@ -122,7 +135,6 @@ class WandbSink:
             self.skipped += 1
             return
         self.run.log(data, step=step)
-        self.step_file.write_text(str(step))
 
     def log_table(self, name, step, rows):
         if rows and step > self.logged_before:
@@ -159,5 +171,5 @@ def build_sinks(cfg: RootConfig, cfg_dict: Dict[str, Any], run_dir: Path, is_mai
                                ProgressBar(cfg.train.max_steps, resume_step)]
     if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")
-        sinks.append(WandbSink(cfg, cfg_dict, run_dir))
+        sinks.append(WandbSink(cfg, cfg_dict, run_dir))  # after JsonlSink: it backfills from metrics.jsonl
     return Sinks(sinks)

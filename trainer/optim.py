@@ -12,9 +12,15 @@ def build_optimizer(model, cfg: OptimConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameter: check peft and model.frozen_modules")
-    # Biases and norms get no weight decay, as is standard for transformers.
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "norm" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "norm" not in n)]
+    # Biases and norms get no weight decay, as is standard for transformers. Under ZeRO-3 a
+    # parameter is partitioned (`p.shape` is [0]); its real shape is `p.ds_shape`. Without this
+    # every matrix would land in the no-decay group, and the group count would differ from the
+    # same model on ZeRO-1/2, which breaks resuming across stages.
+    def decays(name, p):
+        return len(getattr(p, "ds_shape", p.shape)) >= 2 and "norm" not in name
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not decays(n, p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

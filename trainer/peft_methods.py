@@ -75,6 +75,8 @@ def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
     """Wrap `model` with the configured peft method; only the method's parameters stay trainable."""
     import peft
 
+    if cfg.quantize_4bit:  # validate.py already stops this on CPU; say so rather than ignore it on GPU
+        raise NotImplementedError("peft.quantize_4bit=true (QLoRA) is not implemented yet; use peft=lora")
     model = peft.get_peft_model(model, peft_config(cfg, family))
     if zero3 and cfg.method == "dora":
         _register_dora_base_weights(model)
