@@ -114,6 +114,25 @@ def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     if cfg.run.launch != "spawn" or not cfg.cluster.slurm.submit:
         print(f"{script.read_text()}\n[shardtune] wrote {script}; submit it with: sbatch {script}")
         return 0
+    if cfg.cluster.slurm.preflight and not preflight_fits(cfg, on_gpu):
+        return 3
     job_id = submit(script, run_dir)
     print(follow_hint(job_id, run_dir), flush=True)
     return 0
+
+
+def preflight_fits(cfg: RootConfig, on_gpu: bool) -> bool:
+    """Estimate memory before queueing: a job that cannot fit should fail now, not after hours in the queue."""
+    gpu_job = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cfg.cluster.slurm.gpus_per_node > 0)
+    if gpu_job != on_gpu:
+        print("[shardtune] preflight skipped: this node's devices differ from the job's "
+              "(run `shardtune preflight` on a compute node)", flush=True)
+        return True
+    from launcher.preflight_cmd import report
+
+    fits, text, _ = report(cfg, on_gpu)
+    print(text, flush=True)
+    if not fits:
+        print("[shardtune] not submitted: the job would not fit (cluster.slurm.preflight=false submits anyway)",
+              flush=True)
+    return fits

@@ -10,6 +10,9 @@ from typing import Any, Dict
 from trainer.config import RootConfig
 
 
+CPU_REDUCE_BUCKET = 10_000_000
+
+
 def resolve_precision(cfg: RootConfig, on_gpu: bool) -> str:
     if cfg.deepspeed.precision != "auto":
         return cfg.deepspeed.precision
@@ -24,8 +27,13 @@ def _zero_section(cfg: RootConfig, on_gpu: bool) -> Dict[str, Any]:
     zero["contiguous_gradients"] = ds.contiguous_gradients
     # Overlapping communication with compute pays on GPU streams; on CPU it only adds copies.
     zero["overlap_comm"] = on_gpu if ds.overlap_comm is None else ds.overlap_comm
+    reduce_bucket = ds.reduce_bucket_size
+    if reduce_bucket is None and not on_gpu:
+        # DeepSpeed's default (5e8 elements) is sized for GPUs; ZeRO-2/3 allocate it whole, which
+        # is 2 GB of fp32 per rank before the first step. On CPU a 1e7 bucket costs 40 MB.
+        reduce_bucket = CPU_REDUCE_BUCKET
     optional = {
-        "reduce_bucket_size": ds.reduce_bucket_size,
+        "reduce_bucket_size": reduce_bucket,
         "allgather_bucket_size": ds.allgather_bucket_size if ds.stage < 3 else None,
         "stage3_prefetch_bucket_size": ds.stage3_prefetch_bucket_size if ds.stage == 3 else None,
         "stage3_param_persistence_threshold": ds.stage3_param_persistence_threshold if ds.stage == 3 else None,

@@ -209,17 +209,18 @@ def read_model_config(model_dir: str) -> dict:
 
 
 def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape: ModelShape) -> Setup:
-    from trainer.ds_config import resolve_precision
+    from trainer.ds_config import build_ds_config, resolve_precision
 
     ds = cfg.deepspeed
+    zero = build_ds_config(cfg, cfg.cluster.nnodes * cfg.cluster.nproc_per_node, on_gpu)["zero_optimization"]
     return Setup(world=cfg.cluster.nnodes * cfg.cluster.nproc_per_node, stage=ds.stage,
                  precision=resolve_precision(cfg, on_gpu), micro_batch=cfg.train.micro_batch_size,
                  seq_len=cfg.data.max_seq_len, trainable=None if trainable == shape.params else trainable,
                  offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                  checkpointing=cfg.model.activation_checkpointing, attn=cfg.model.attn_implementation,
                  on_gpu=on_gpu, persistent_params=persistent if ds.stage == 3 else 0,
-                 reduce_bucket=ds.reduce_bucket_size or DS_REDUCE_BUCKET,
-                 prefetch_bucket=ds.stage3_prefetch_bucket_size or DS_PREFETCH_BUCKET)
+                 reduce_bucket=zero.get("reduce_bucket_size", DS_REDUCE_BUCKET),
+                 prefetch_bucket=zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))
 
 
 # ---- verdict --------------------------------------------------------------------------------------
