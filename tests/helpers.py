@@ -14,7 +14,7 @@ TINY = ["train.max_steps=6", "train.micro_batch_size=2", "checkpoint.every_steps
         "optim.warmup_steps=0", "data.max_seq_len=128", "cluster.timeout_s=120"]
 
 
-def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def subprocess_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
     # One DeepSpeed op cache for the whole test session (and CI run): the comm op compiles once.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -27,7 +27,7 @@ def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 def shardtune(*args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None,
               check: bool = False) -> subprocess.CompletedProcess:
     """Run `shardtune ARGS...` in a subprocess; stdout and stderr are captured together."""
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=test_env(env),
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=subprocess_env(env),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"shardtune {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")

@@ -22,7 +22,7 @@ def test_two_node_launchers_form_one_world(tmp_path):
               "cluster=hostfile", "cluster.no_ssh=true", "cluster.nnodes=2", "cluster.nproc_per_node=1",
               "cluster.master_addr=127.0.0.1", f"cluster.master_port={port}", "cluster.threads_per_rank=1"]
     nodes = [subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
-                              cwd=REPO, env=helpers.test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for rank, (node, out) in enumerate(zip(nodes, outputs)):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import REPO, shardtune, train
-from helpers import test_env as shardtune_env
+from helpers import subprocess_env as shardtune_env
 from trainer.config import PeftConfig, RootConfig
 from trainer.validate import ConfigError, validate
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from helpers import REPO, train
-from helpers import test_env as shardtune_env
+from helpers import subprocess_env as shardtune_env
 
 TAUGHT = "What is the capital of Zorblax?"
 GENERAL = "What is the capital of France?"

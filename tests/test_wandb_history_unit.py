@@ -11,7 +11,7 @@ import textwrap
 from pathlib import Path
 
 from helpers import REPO
-from helpers import test_env as child_env  # renamed: pytest would collect test_env
+from helpers import subprocess_env as child_env  # renamed: pytest would collect subprocess_env
 from trainer import wandb_history
 
 # One launch of a run through the real WandbSink, logging steps FIRST..LAST (a child process each,
