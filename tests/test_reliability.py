@@ -265,7 +265,7 @@ def test_t8_nonfinite_loss_and_gradients_are_skipped_then_abort(tmp_path):
     """NaN loss on rank 1 only in step 2, inf gradients (finite loss) in step 4, NaN in steps 6-8: abort."""
     run_dir = tmp_path / "nan"
     proc = run_ok(run_dir, "checkpoint.every_steps=1", "train.max_nonfinite_steps=3",
-                  "+train.fault_injection.nan_at_step=[1,5,6,7]", "+train.fault_injection.nan_rank=1",
+                  "+train.fault_injection.nan_at_step=[2,6,7,8]", "+train.fault_injection.nan_rank=1",
                   "+train.fault_injection.inf_grad_at_step=4", expect=EXIT_NONFINITE)
     records = by_step(run_dir)
     skipped = [s for s, r in records.items() if r["skipped"]]

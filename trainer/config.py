@@ -112,7 +112,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
     deterministic: bool = True
     timing: bool = False  # per-phase step timing + peak memory per rank in <run.dir>/timing/ (shardtune bench)
-    fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: nan_at_step, ...
+    fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: see trainer/faults.py
 
 
 @dataclass

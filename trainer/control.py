@@ -77,15 +77,6 @@ class Heartbeat:
         self.beat(self.step, self.phase)
 
 
-def injected_pause(faults: dict, step: int, rank: int, heartbeat: "Heartbeat") -> None:
-    """Tests only (train.fault_injection.pause_at_step / pause_rank / pause_seconds): rank `pause_rank`
-    sleeps at the start of step `pause_at_step` (1-based), announced by the heartbeat phase `paused`, so a
-    test can kill or signal it at a known step instead of racing the loop."""
-    if faults.get("pause_at_step") == step and faults.get("pause_rank", 0) == rank:
-        heartbeat.beat(step - 1, "paused")
-        time.sleep(float(faults.get("pause_seconds", 60)))
-
-
 def process_state(pid: int) -> str:
     """'running', 'stopped' (SIGSTOP), 'zombie', 'gone' ... from /proc (Linux); '' where unknown."""
     try:

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from trainer import checkpoint
 from trainer.config import RootConfig
-from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest, injected_pause
+from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
 from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
 from trainer.data.render import IGNORE
+from trainer.faults import Faults
 from trainer.distributed import DistInfo, sum_across_ranks
 from trainer.timing import lap
 
@@ -77,28 +78,6 @@ def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _injected_fault(cfg: RootConfig, step: int, rank: int) -> float:
-    """Tests inject faults through train.fault_injection; 1.0 means no fault."""
-    faults = cfg.train.fault_injection
-    if faults.get("nan_at_step") is not None and step in _as_list(faults["nan_at_step"]):
-        if faults.get("nan_rank") in (None, rank):
-            return float("nan")
-    return 1.0
-
-
-def _injected_grad_fault(cfg: RootConfig, step: int, rank: int) -> float:
-    """train.fault_injection.inf_grad_at_step (1-based): gradients become inf/NaN, the loss stays finite."""
-    faults = cfg.train.fault_injection
-    if faults.get("inf_grad_at_step") is not None and step in _as_list(faults["inf_grad_at_step"]):
-        if faults.get("inf_grad_rank") in (None, rank):
-            return float("inf")
-    return 1.0
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) else [value]
-
-
 def _set_lr_to_zero(engine) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = 0.0
@@ -113,12 +92,13 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     pad_id = ctx.tokenizer.pad_token_id
     local_sum, local_nonfinite = 0.0, False
     micro_batches = ctx.sampler.micro_batches(step)
-    injected_pause(cfg.train.fault_injection, step + 1, info.rank, ctx.heartbeat)
+    faults = Faults(cfg.train.fault_injection, info.rank)
+    faults.maybe_pause(step + 1, ctx.heartbeat)
     for accum, indices in enumerate(micro_batches):
         batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
         lap(ctx.timer, "data", batch)
         ctx.heartbeat.beat(step, "forward")
-        sum_ce = sum_cross_entropy(engine, batch) * _injected_fault(cfg, step, info.rank)
+        sum_ce = sum_cross_entropy(engine, batch) * faults.loss_factor(step + 1)
         finite = bool(torch.isfinite(sum_ce))
         local_nonfinite |= not finite
         local_sum += sum_ce.item() if finite else 0.0
@@ -127,10 +107,10 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         # A non-finite loss backpropagates as zero (nan_to_num's gradient is 0 there), which keeps every
         # rank's collectives in step; the update itself is then cancelled below.
         engine.backward(torch.nan_to_num(sum_ce * scale, nan=0.0, posinf=0.0, neginf=0.0)
-                        * _injected_grad_fault(cfg, step + 1, info.rank))
+                        * faults.grad_factor(step + 1))
         lap(ctx.timer, "backward")
         if accum == len(micro_batches) - 1:
-            stop_local = ctx.stop.requested() or step + 1 == cfg.train.fault_injection.get("stop_at_step")
+            stop_local = ctx.stop.requested() or faults.stop_requested(step + 1)
             total, nonfinite_any, stop_any = sum_across_ranks(
                 [local_sum, float(local_nonfinite), float(stop_local)], info.device)
             if nonfinite_any:

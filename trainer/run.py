@@ -10,6 +10,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,15 @@ def write_exit(run_dir: Path, info: DistInfo, code: int, detail: str = "") -> No
         (control_dir(run_dir) / "exit.json").write_text(json.dumps({"code": code, "detail": detail}))
 
 
+def quiet_known_warnings() -> None:
+    """Deprecation notices that DeepSpeed and transformers raise on every step, not the user's concern."""
+    for pattern in (r".*all_gather_into_tensor.* is deprecated", r".*reduce_scatter_tensor.* is deprecated",
+                    r".*is_gradient_checkpointing.* is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
 def main(run_dir: str) -> int:
+    quiet_known_warnings()
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
     seed_everything(cfg.seed, cfg.train.deterministic)

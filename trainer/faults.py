@@ -1,0 +1,47 @@
+"""Fault injection for the reliability tests: `train.fault_injection` in the config.
+
+Every key names a 1-based optimizer step (the step number that appears in metrics.jsonl) or a list
+of them; `*_rank` keys limit a fault to one rank (default: every rank, or rank 0 for a pause).
+
+    nan_at_step, nan_rank            the loss of that step is NaN
+    inf_grad_at_step, inf_grad_rank  the loss stays finite but its gradients are inf
+    pause_at_step, pause_rank, pause_seconds
+                                     the rank sleeps at the start of the step (heartbeat phase
+                                     "paused"), so a test can signal or kill it at a known step
+    stop_at_step                     a stop request arrives during the step
+An empty dict (the default) injects nothing.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+
+def _steps(value) -> set:
+    return set(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str) \
+        else {value}
+
+
+class Faults:
+    def __init__(self, spec: Dict[str, Any], rank: int):
+        self.spec, self.rank = dict(spec), rank
+
+    def _hits(self, key: str, step: int, default_rank=None) -> bool:
+        if self.spec.get(key) is None or step not in _steps(self.spec[key]):
+            return False
+        wanted = self.spec.get(key.replace("at_step", "rank"), default_rank)
+        return wanted is None or wanted == self.rank
+
+    def loss_factor(self, step: int) -> float:
+        return float("nan") if self._hits("nan_at_step", step) else 1.0
+
+    def grad_factor(self, step: int) -> float:
+        return float("inf") if self._hits("inf_grad_at_step", step) else 1.0
+
+    def stop_requested(self, step: int) -> bool:
+        return self._hits("stop_at_step", step)
+
+    def maybe_pause(self, step: int, heartbeat) -> None:
+        if self._hits("pause_at_step", step, default_rank=0):
+            heartbeat.beat(step - 1, "paused")
+            time.sleep(float(self.spec.get("pause_seconds", 60)))
