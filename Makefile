@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not distributed and not slurm and not slow" tests
