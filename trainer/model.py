@@ -49,17 +49,20 @@ def build_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def _create(cfg: ModelConfig, dtype: torch.dtype, seed: int):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = model_dir(cfg)
-    common = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+def weights_dir(cfg: ModelConfig, seed: int) -> Path:
+    """The folder to load weights from: the model's own, or a builtin model's seeded random init."""
     if cfg.name_or_path.startswith("builtin:"):
-        config = AutoConfig.from_pretrained(path, **common)
-        # The same seed on every rank gives the same random init whatever the world size.
-        torch.manual_seed(cfg.init_seed if cfg.init_seed is not None else seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+        from trainer.builtin_init import materialize
+
+        return materialize(model_dir(cfg), cfg.init_seed if cfg.init_seed is not None else seed, cfg.cache_dir)
+    return model_dir(cfg)
+
+
+def _create(cfg: ModelConfig, source: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                attn_implementation=cfg.attn_implementation)
 
 
 def freeze_modules(model, patterns) -> int:
@@ -77,9 +80,10 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     dtype = resolve_dtype(cfg, on_gpu)
+    source = weights_dir(cfg, seed)  # before zero.Init is switched on: a builtin init is made whole
     # Must stay referenced while the model is built: transformers checks it to enter zero.Init.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-    model = _create(cfg, dtype, seed)
+    model = _create(cfg, source, dtype)
     model.config.use_cache = False  # a KV cache would defeat the packed-document attention isolation
     from trainer.speed import apply_speed_switches
 

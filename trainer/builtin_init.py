@@ -1,0 +1,65 @@
+"""Seeded random weights for a builtin model, written once as a normal Hugging Face folder.
+
+Creating random weights inside `deepspeed.zero.Init` (ZeRO-3) draws the random numbers in another
+order than creating them whole, so the "same seed" would give a different model per ZeRO stage.
+Instead the weights are made once, outside any ZeRO context, and every stage and world size then
+loads the same folder with `from_pretrained`, exactly as it loads a pretrained model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from trainer.pretrained import DEFAULT_CACHE, _FileLock
+
+MARKER = ".shardtune-init.json"  # written last: the folder is complete
+
+
+def _cache_name(builtin_dir: Path, seed: int) -> str:
+    digest = hashlib.sha256((builtin_dir / "config.json").read_bytes()).hexdigest()[:12]
+    return f"builtin-{builtin_dir.name}-{digest}-seed{seed}"
+
+
+def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(builtin_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    for item in builtin_dir.iterdir():  # tokenizer, generation config
+        if item.is_file() and not (folder / item.name).exists():
+            shutil.copy2(item, folder / item.name)
+    (folder / MARKER).write_text(json.dumps({"source": str(builtin_dir), "seed": seed}) + "\n")
+
+
+def materialize(builtin_dir: Path, seed: int, cache_dir: Optional[str] = None) -> Path:
+    """The folder holding `builtin_dir`'s model with weights drawn from `seed` (made on first use).
+
+    Safe for concurrent callers (every rank calls it): one writes under a lock into a temporary
+    folder and renames it into place; the others wait and reuse it.
+    """
+    root = Path(cache_dir or DEFAULT_CACHE).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / _cache_name(builtin_dir, seed)
+    if (target / MARKER).is_file():
+        return target
+    with _FileLock(root / f"{target.name}.lock"):
+        if (target / MARKER).is_file():
+            return target
+        if target.exists():
+            shutil.rmtree(target)  # an interrupted earlier attempt (no marker)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            _write_init(builtin_dir, tmp, seed)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
