@@ -145,4 +145,17 @@ def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         print(f"run directory written: {run_dir}\nstart the workers with one of:\n  " +
               "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node)))
         return 0
-    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
+    try:
+        return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
+    finally:
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Delete DeepSpeed's CPU all-reduce buffers of this job from /dev/shm.
+
+    Ranks that are killed never unlink them; each is tens of MB, and a full /dev/shm makes later
+    jobs on the machine hang in their first collective.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)

@@ -51,6 +51,7 @@ def test_default_config_is_the_demo_and_valid():
     (["peft=lora", "peft.quantize_4bit=true", "cluster.device=cpu"], "peft.quantize_4bit"),
     (["peft.method=adapterX"], "peft.method"),
     (["logger.mode=sometimes"], "logger.mode"),
+    (["peft=lora", "peft.modules_to_save=[lm_head]", "deepspeed=zero3"], "peft.modules_to_save"),
     (["data.train_files=[/nonexistent/file.jsonl]"], "data.train_files"),
     (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
 ])

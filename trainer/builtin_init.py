@@ -33,7 +33,12 @@ def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
     config = AutoConfig.from_pretrained(builtin_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(folder)
+    # Not model.save_pretrained: under torch.distributed it writes weights from rank 0 only, and
+    # whichever rank holds the lock makes this folder.
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
     for item in builtin_dir.iterdir():  # tokenizer, generation config
         if item.is_file() and not (folder / item.name).exists():
             shutil.copy2(item, folder / item.name)

@@ -93,6 +93,12 @@ def _check_deepspeed(cfg: RootConfig, problems: List[str]) -> None:
     if (ds.zero_hpz_partition_size > 1 or ds.zero_quantized_weights) and ds.stage != 3:
         problems.append("ZeRO++ (deepspeed.zero_hpz_partition_size > 1, zero_quantized_weights) needs "
                         f"deepspeed.stage=3 (got {ds.stage})")
+    if cfg.peft.method != "none" and cfg.peft.modules_to_save and ds.stage == 3:
+        # Known hang: DeepSpeed's ZeRO-3 optimizer set-up deadlocks on peft's trainable copies of
+        # partitioned modules (seen with a tied lm_head). Refuse it rather than hang a job.
+        problems.append(f"peft.modules_to_save={list(cfg.peft.modules_to_save)} is not supported with "
+                        "deepspeed.stage=3 yet (the ranks deadlock while DeepSpeed sets up the copies); "
+                        "use deepspeed=zero2, or leave modules_to_save empty")
     if cfg.optim.name == "cpu_adam" and not ds.offload_optimizer:
         problems.append("optim.name=cpu_adam is DeepSpeed's optimizer for offload: set "
                         "deepspeed.offload_optimizer=true, or use optim.name=adamw")
