@@ -64,11 +64,13 @@ def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
 
 def checkpoint_tensors(folder: Path, stage: int) -> Dict[str, object]:
     """name -> tensor (ZeRO-0) or a lazy tensor that `.contiguous()` assembles (ZeRO 1-3)."""
+    from trainer.checkpoint import preverify_loadable, safe_load
+
     if stage == 0:
-        states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return dict(states["module"])
+        return dict(safe_load(folder / "mp_rank_00_model_states.pt", map_location="cpu")["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    preverify_loadable(folder)  # DeepSpeed's reader unpickles with weights_only=False: refuse bad files first
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
 
 
