@@ -37,7 +37,7 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
 
     from trainer.data import build_datasets, collate
     from trainer.data.render import IGNORE
-    from trainer.model import build_tokenizer, _create, resolve_dtype
+    from trainer.model import build_tokenizer, _create, resolve_dtype, weights_dir
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_gpu = torch.cuda.is_available()
@@ -47,6 +47,7 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
     # batch check fails; gloo on CPU as in our trainer.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    source = weights_dir(cfg.model, cfg.seed)  # a builtin init is made whole, before zero.Init is on
     # TrainingArguments must exist before the model: it switches on zero.Init for ZeRO-3.
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=cfg.train.micro_batch_size,
@@ -62,7 +63,7 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
     tokenizer = build_tokenizer(cfg.model)
     cfg.data.packing = False  # HF Trainer's usual setup: one document per row, padded per batch
     train_set, _ = build_datasets(cfg.data, tokenizer)
-    model = _create(cfg.model, resolve_dtype(cfg.model, on_gpu), cfg.seed)
+    model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu))
     model.config.use_cache = False
     samples = ordered_samples(cfg, train_set, world, steps)
     pad_id = tokenizer.pad_token_id

@@ -29,7 +29,11 @@ def _cache_name(builtin_dir: Path, seed: int) -> str:
 
 def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+    if is_deepspeed_zero3_enabled():  # from_config would make partitioned (empty) tensors
+        raise RuntimeError("builtin model init must be made before a ZeRO-3 context is active: "
+                           "call trainer.model.weights_dir() before HfDeepSpeedConfig/TrainingArguments")
     config = AutoConfig.from_pretrained(builtin_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
