@@ -111,6 +111,22 @@ def peak_flops_total(run_dir: Path, world: int, threads: int, precision: str) ->
     return per_rank * world, f"measured fp32 1024^3 matmul with {threads} thread(s) x {world} ranks"
 
 
+def preflight_check(run_dir: Path, cfg, ours: List[dict], on_gpu: bool) -> dict:
+    """`shardtune preflight`'s per-rank estimate for this run next to the measured peak.
+
+    Measured: the largest peak over ranks and rounds, resident set size on CPU, PyTorch's peak
+    allocated bytes on GPU (what the estimate counts: the CUDA context is outside it).
+    """
+    from launcher.preflight_cmd import plan
+
+    _, est, _ = plan(cfg, on_gpu)
+    key = "peak_allocated_bytes" if on_gpu else "peak_rss_bytes"
+    measured = max(m[key] for r in ours for m in r["peak_memory"].values())
+    predicted = est.rank_total(on_gpu)
+    return {"predicted_bytes_per_rank": predicted, "measured_peak_bytes_per_rank": measured, "measured": key,
+            "error": (predicted - measured) / measured}
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
@@ -177,6 +193,7 @@ def build_report(rounds: List[dict], args, world: int, threads: int) -> dict:
         "peak_flops_total": peak, "peak_flops_source": peak_source,
         "ours": [summarize(Path(r["ours_dir"]), args.warmup, flops_fn, peak) for r in rounds],
     }
+    report["preflight"] = preflight_check(first, cfg, report["ours"], _has_cuda())
     if args.vs == "hf":
         report["hf"] = [summarize(Path(r["hf_dir"]), args.warmup, flops_fn, peak) for r in rounds]
         ours_tps = statistics.median(o["trained_tokens_per_s"] for o in report["ours"])
@@ -199,6 +216,10 @@ def render(report: dict) -> str:
             if r["breakdown_median_s"]:
                 lines.append("      breakdown (median s): " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r["breakdown_median_s"].items()))
+    pre = report["preflight"]
+    lines.append(f"preflight estimate {pre['predicted_bytes_per_rank'] / 2 ** 30:.3f} GiB/rank vs measured "
+                 f"{pre['measured']} {pre['measured_peak_bytes_per_rank'] / 2 ** 30:.3f} GiB: "
+                 f"{100 * pre['error']:+.1f} %")
     if "ratio_trained_tokens_per_s" in report:
         lines.append(f"ours / HF Trainer, trained tokens/s: {report['ratio_trained_tokens_per_s']:.2f}x "
                      f"(per round: {', '.join(f'{x:.2f}' for x in report['ratio_per_round'] if x)})")

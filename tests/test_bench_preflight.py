@@ -77,7 +77,7 @@ def test_activations_by_checkpointing():
     s = Setup(world=1, stage=0, precision="fp32", micro_batch=2, seq_len=3)
     # per token per layer: 4H + 3Q + 2KV + 4I = 32 + 24 + 8 + 64 = 128 values; 6 tokens, 4 bytes, 2 layers
     assert activation_bytes(shape, s) == {"activations (kept for backward)": 128 * 6 * 4 * 2,
-                                          "logits and loss": 4 * 6 * 32 * 4}
+                                          "logits and loss": 3 * 6 * 32 * 4}
     full = activation_bytes(shape, Setup(**{**s.__dict__, "checkpointing": "full"}))
     assert full["activations (kept for backward)"] == 8 * 6 * 4 * 2  # only each layer's input
     assert full["activations (one recomputed layer)"] == 128 * 6 * 4
@@ -137,6 +137,11 @@ def test_bench_vs_hf_writes_every_field(tmp_path):
     for rank in ("rank0", "rank1"):
         assert ours["peak_memory"][rank]["peak_rss_bytes"] > 100 * 2 ** 20
     assert report["ratio_trained_tokens_per_s"] > 0 and "ours / HF Trainer" in proc.stdout
+    # The preflight estimate is put next to the measured peak (the target is 15 %; a looser bound
+    # here, since a 3-step run on a shared CI machine is not where the figure is taken).
+    pre = report["preflight"]
+    assert pre["measured"] == "peak_rss_bytes" and abs(pre["error"]) < 0.25, pre
+    assert "preflight estimate" in proc.stdout
 
 
 @pytest.mark.distributed

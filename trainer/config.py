@@ -91,6 +91,7 @@ class DeepSpeedConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw (torch), fused_adam / cpu_adam (DeepSpeed ops)
+    fused: bool = True  # adamw: torch's single-kernel AdamW (CPU and CUDA); false: the foreach one
     lr: float = 2e-4
     weight_decay: float = 0.0
     beta1: float = 0.9

@@ -32,7 +32,9 @@ def build_optimizer(model, cfg: OptimConfig):
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    # The fused kernel makes one pass over each tensor instead of ~10 element-wise passes: on CPU
+    # it is 5-7x faster per step, which is most of an optimizer step on a small model.
+    return torch.optim.AdamW(groups, fused=cfg.fused, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -15,7 +15,8 @@ Memory per rank, in bytes (P parameters, T trainable, W ranks, b bytes per 16/32
     activations    per token per layer: (7H + 2KV + 4I) values kept for backward (sdpa), plus
                    the layer's S x S scores with eager attention; full checkpointing keeps only H per
                    layer and recomputes one layer at a time; selective keeps the matmul outputs.
-    logits         4 B*S*V fp32 values around the loss (logits, the shifted copy, log-softmax, its grad)
+    logits         3 B*S*V fp32 values around the loss (logits, log-softmax, and one gradient of that
+                   size at a time in backward; the labels are shifted, not the logits)
     runtime        CPU: the resident size of a rank before training (Python, torch, DeepSpeed, gloo,
                    tokenizer, data), measured; GPU: PyTorch's allocator only (the CUDA context is not
                    in torch's counters)
@@ -134,7 +135,7 @@ def activation_bytes(shape: ModelShape, s: Setup) -> Dict[str, int]:
     if s.attn == "eager":  # attention probabilities, S x S per head, kept (softmax out) and its grad
         layers = 1 if s.checkpointing != "none" else shape.layers
         parts["attention scores (eager)"] = 2 * shape.heads * s.seq_len ** 2 * s.micro_batch * b * layers
-    parts["logits and loss"] = 4 * tokens * shape.vocab * 4
+    parts["logits and loss"] = 3 * tokens * shape.vocab * 4
     return parts
 
 
