@@ -48,6 +48,12 @@ def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:
     shape, trainable, persistent = shape_from_config_dict(
         model_config_dict(cfg), lora, DS_PERSISTENCE_THRESHOLD if threshold is None else threshold)
     setup = setup_from_config(cfg, on_gpu, trainable, persistent, shape)
+    if lora is not None and cfg.peft.dropout > 0:
+        from dataclasses import replace
+
+        from trainer.preflight import lora_dropout_values
+
+        setup = replace(setup, lora_dropout_values=lora_dropout_values(model_config_dict(cfg), lora["targets"]))
     return setup, estimate(shape, setup), shape
 
 

@@ -75,12 +75,14 @@ def test_activations_by_checkpointing():
     shape = ModelShape(params=1, embedding_params=0, tied_embeddings=True, layers=2, heads=2, kv_heads=1,
                        head_dim=4, hidden=8, intermediate=16, vocab=32)
     s = Setup(world=1, stage=0, precision="fp32", micro_batch=2, seq_len=3)
-    # per token per layer: 4H + 3Q + 2KV + 4I = 32 + 24 + 8 + 64 = 128 values; 6 tokens, 4 bytes, 2 layers
-    assert activation_bytes(shape, s) == {"activations (kept for backward)": 128 * 6 * 4 * 2,
+    # per token per layer: 5H + 3Q + 2KV + 4I = 40 + 24 + 8 + 64 = 136 values; 6 tokens, 4 bytes, 2 layers
+    assert activation_bytes(shape, s) == {"activations (kept for backward)": 136 * 6 * 4 * 2,
                                           "logits and loss": 3 * 6 * 32 * 4}
     full = activation_bytes(shape, Setup(**{**s.__dict__, "checkpointing": "full"}))
     assert full["activations (kept for backward)"] == 8 * 6 * 4 * 2  # only each layer's input
-    assert full["activations (one recomputed layer)"] == 128 * 6 * 4
+    assert full["activations (one recomputed layer)"] == 136 * 6 * 4
+    lora = activation_bytes(shape, Setup(**{**s.__dict__, "lora_dropout_values": 50}))
+    assert lora["LoRA dropout inputs"] == 50 * 6 * (4 + 1)  # fp32 dropped inputs + 1-byte masks
     eager = activation_bytes(shape, Setup(**{**s.__dict__, "attn": "eager"}))
     assert eager["attention scores (eager)"] == 2 * 2 * 3 * 3 * 2 * 4 * 2  # 2 x heads x S^2 x B x bytes x L
 

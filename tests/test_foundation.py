@@ -82,18 +82,56 @@ def test_lora_trains_only_the_adapter(runs):
     assert all(x["loss"] is not None for x in lines if x.get("kind") == "train")
 
 
-def test_stop_and_resume_continues_the_same_curve(runs, tmp_path):
+RESUMED = {  # LoRA has dropout (0.05): its resumed steps must also train in train mode, with the same RNG
+    "zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2", "train.micro_batch_size=2"],
+    "zero2_lora": ["deepspeed=zero2", "peft=lora", "cluster.nproc_per_node=2", "train.micro_batch_size=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMED))
+def test_stop_and_resume_continues_the_same_curve(runs, tmp_path, name):
     run_dir = tmp_path / "resumed"
-    overrides = [*COMMON, "deepspeed=zero3", "cluster.nproc_per_node=2", "train.micro_batch_size=2"]
+    overrides = [*COMMON, *RESUMED[name]]
     stopped = train(run_dir, *overrides, "+train.fault_injection.stop_at_step=3")
     assert stopped.returncode == 75, stopped.stdout[-3000:]  # "stopped cleanly, resume me"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     resumed = train(run_dir, *overrides)  # resume=auto is the default
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "resumed from" in resumed.stdout
-    uninterrupted = losses(runs["zero3"])
+    uninterrupted = losses(runs[name])
     curve = losses(run_dir)
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
     diff = max(abs(a - b) for a, b in zip(uninterrupted, curve))
     print(f"largest loss difference resumed vs uninterrupted: {diff:.2e}")
     assert diff <= 1e-5
+
+
+def _model_with_dropout(folder):
+    """The tiny model's seeded init as a local folder, with attention dropout switched on."""
+    import shutil
+
+    from trainer.builtin_init import materialize
+    from trainer.model import BUILTIN_DIR
+
+    shutil.copytree(materialize(BUILTIN_DIR / "tiny-llama", 7), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_dropout"] = 0.2
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_full_fine_tuning_resumes_in_train_mode(tmp_path):
+    """from_pretrained hands back a model in eval mode; a resumed run (no baseline eval to switch it)
+    must still train with dropout on (and activation checkpointing active), as the uninterrupted one."""
+    model = _model_with_dropout(tmp_path / "model")
+    overrides = [*COMMON, "model=local", f"model.name_or_path={model}", "deepspeed=zero2",
+                 "cluster.nproc_per_node=2", "train.micro_batch_size=2", "eval.baseline=true"]
+    reference = train(tmp_path / "reference", *overrides)
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    run_dir = tmp_path / "resumed"
+    assert train(run_dir, *overrides, "+train.fault_injection.stop_at_step=3").returncode == 75
+    resumed = train(run_dir, *overrides)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout[-3000:]
+    diff = max(abs(a - b) for a, b in zip(losses(tmp_path / "reference"), losses(run_dir)))
+    print(f"dropout model, largest loss difference resumed vs uninterrupted: {diff:.2e}")
+    assert len(losses(run_dir)) == STEPS and diff <= 1e-5

@@ -191,6 +191,9 @@ def train(ctx: TrainContext, state: LoopState) -> int:
     """Run until max_steps or a stop request; return the process exit code."""
     cfg = ctx.cfg
     evaluator = ctx.evaluator or default_evaluator
+    # from_pretrained returns a model in eval mode: without this, dropout and activation
+    # checkpointing would stay off until the first evaluation switched the model back.
+    ctx.engine.train()
     if state.step == 0 and cfg.eval.baseline:
         evaluator(ctx, 0)
     last_saved = state.step

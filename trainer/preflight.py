@@ -12,9 +12,11 @@ Memory per rank, in bytes (P parameters, T trainable, W ranks, b bytes per 16/32
                    (T*b, ZeRO 2/3); ZeRO-3 adds two flat all-gather buffers of its working set
     optimizer      fp32 master copy 4T (/W on ZeRO 1-3; DeepSpeed keeps one even in fp32 training,
                    and none on stage 0 in fp32) + Adam moments 8T (/W on ZeRO 1-3)
-    activations    per token per layer: (7H + 2KV + 4I) values kept for backward (sdpa), plus
-                   the layer's S x S scores with eager attention; full checkpointing keeps only H per
-                   layer and recomputes one layer at a time; selective keeps the matmul outputs.
+    activations    per token per layer: (5H + 3Q + 2KV + 4I) values kept for backward (sdpa;
+                   counted with torch's saved-tensor hooks on Llama: within 2 %), plus the layer's
+                   S x S scores with eager attention; full checkpointing keeps only H per layer and
+                   recomputes one layer at a time; selective keeps the matmul outputs. LoRA with
+                   dropout keeps each adapted layer's dropped input (and its 1-byte mask) as well.
     logits         3 B*S*V fp32 values around the loss (logits, log-softmax, and one gradient of that
                    size at a time in backward; the labels are shifted, not the logits)
     runtime        CPU: the resident size of a rank before training (Python, torch, DeepSpeed, gloo,
@@ -58,6 +60,8 @@ class Setup:
     persistent_params: int = 0  # ZeRO-3: parameters below the persistence threshold, kept whole
     reduce_bucket: int = DS_REDUCE_BUCKET
     prefetch_bucket: int = DS_PREFETCH_BUCKET
+    # LoRA with dropout > 0: values per token (all layers) of the dropped inputs its adapters keep
+    lora_dropout_values: int = 0
 
 
 @dataclass
@@ -122,8 +126,9 @@ def activation_values_per_token_layer(shape: ModelShape, checkpointing: str) -> 
         return H  # the layer's input only
     if checkpointing == "selective":
         return H + Q + 2 * KV + H + Q + 2 * I + H  # input + q,k,v + o_proj out + attention out + gate,up + down out
-    # norm inputs and outputs (4H), q + attention out + o_proj input (3Q), k and v (2KV), the MLP (4I)
-    return 4 * H + 3 * Q + 2 * KV + 4 * I
+    # layer input, two norms' normalised and scaled outputs, the attention residual (5H); rotated q,
+    # attention out and o_proj's contiguous input (3Q); rotated k and v (2KV); gate, up, act, product (4I)
+    return 5 * H + 3 * Q + 2 * KV + 4 * I
 
 
 def activation_bytes(shape: ModelShape, s: Setup) -> Dict[str, int]:
@@ -135,6 +140,8 @@ def activation_bytes(shape: ModelShape, s: Setup) -> Dict[str, int]:
     if s.attn == "eager":  # attention probabilities, S x S per head, kept (softmax out) and its grad
         layers = 1 if s.checkpointing != "none" else shape.layers
         parts["attention scores (eager)"] = 2 * shape.heads * s.seq_len ** 2 * s.micro_batch * b * layers
+    if s.lora_dropout_values:  # dropped inputs in the model dtype + their bool masks
+        parts["LoRA dropout inputs"] = s.lora_dropout_values * tokens * (b + 1)
     parts["logits and loss"] = 3 * tokens * shape.vocab * 4
     return parts
 
@@ -191,17 +198,29 @@ def shape_from_config_dict(config: dict, lora: Optional[dict] = None,
     return shape, trainable, persistent
 
 
-def lora_parameters(model, r: int, targets) -> int:
-    """r * (in + out) for every targeted Linear ("all-linear": all but the output head)."""
+def _lora_linears(model, targets):
     import torch
 
-    count = 0
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
             continue
         if targets == "all-linear" or name.split(".")[-1] in set(targets):
-            count += r * (module.in_features + module.out_features)
-    return count
+            yield module
+
+
+def lora_dropout_values(config: dict, targets) -> int:
+    """Values per token that LoRA's dropout keeps for backward: every adapted layer's input width."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    return sum(module.in_features for module in _lora_linears(model, targets))
+
+
+def lora_parameters(model, r: int, targets) -> int:
+    """r * (in + out) for every targeted Linear ("all-linear": all but the output head)."""
+    return sum(r * (m.in_features + m.out_features) for m in _lora_linears(model, targets))
 
 
 def read_model_config(model_dir: str) -> dict:
