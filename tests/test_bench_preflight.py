@@ -9,8 +9,8 @@ import pytest
 
 from helpers import REPO, TINY, shardtune, train, metrics
 from trainer.flops import ModelShape, attention_length, flops_per_token, mfu
-from trainer.preflight import (GB, Estimate, Setup, activation_bytes, estimate, model_state_bytes,
-                               shape_from_config_dict, verdict)
+from trainer.preflight import (GB, Estimate, Setup, activation_bytes, estimate, lora_dropout_values,
+                               model_state_bytes, shape_from_config_dict, verdict)
 
 SHAPE = ModelShape(params=1000, embedding_params=100, tied_embeddings=False, layers=2, heads=4, kv_heads=2,
                    head_dim=8, hidden=32, intermediate=64, vocab=32, largest_layer_params=200)
@@ -96,6 +96,15 @@ def test_shape_of_the_builtin_tiny_llama_and_its_lora():
     _, lora, _ = shape_from_config_dict(config, {"r": 8, "targets": "all-linear"})
     # per layer r*(in+out): q 8*256, k 8*192, v 8*192, o 8*256, gate/up/down 8*480 each
     assert lora == 2 * 8 * (256 + 192 + 192 + 256 + 3 * 480) == 37376
+    # LoRA's dropout keeps each adapted layer's input: q, k, v, o, gate, up take 128, down takes 352
+    assert lora_dropout_values(config, "all-linear") == 2 * (6 * 128 + 352)
+
+
+def test_shape_of_an_architecture_without_intermediate_size():
+    """GPT-2 names its MLP width n_inner (None: 4 x hidden); preflight must not trip over it."""
+    shape, _, _ = shape_from_config_dict({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                          "vocab_size": 100, "n_positions": 64})
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.heads) == (64, 256, 2, 4)
 
 
 def test_verdict_fits_and_suggests_a_remedy():

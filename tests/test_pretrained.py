@@ -225,3 +225,20 @@ def test_family_aliases_and_unknown_family():
     assert default_chat_template("smollm") == "chatml"
     with pytest.raises(ValueError, match="unknown"):
         lora_targets("gpt2")
+
+
+def test_an_architecture_without_sdpa_falls_back_to_eager(tmp_path):
+    """sdpa is our default; Gemma 2 has none, so the model loads with its eager attention instead
+    (an explicit non-default choice is never replaced)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.model import _create
+
+    config = AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no sdpa attention"):
+        model = _create(ModelConfig(name_or_path=str(tmp_path)), tmp_path, torch.float32)
+    assert model.config._attn_implementation == "eager"
+    assert _create(ModelConfig(name_or_path=str(tmp_path), attn_implementation="eager"), tmp_path,
+                   torch.float32).config._attn_implementation == "eager"

@@ -61,8 +61,21 @@ def weights_dir(cfg: ModelConfig, seed: int) -> Path:
 def _create(cfg: ModelConfig, source: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                                attn_implementation=cfg.attn_implementation)
+    def load(attn: str):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                    attn_implementation=attn)
+
+    try:
+        return load(cfg.attn_implementation)
+    except ValueError as err:
+        # sdpa is our default, not every architecture has it (Gemma 2's soft-capping, some remote
+        # code): fall back to the model's eager attention rather than fail; explicit choices stand.
+        if cfg.attn_implementation != "sdpa" or "does not support" not in str(err):
+            raise
+        import warnings
+
+        warnings.warn(f"{source}: this architecture has no sdpa attention; using model.attn_implementation=eager")
+        return load("eager")
 
 
 def freeze_modules(model, patterns) -> int:

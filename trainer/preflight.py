@@ -189,13 +189,22 @@ def shape_from_config_dict(config: dict, lora: Optional[dict] = None,
                        tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
                        layers=c.num_hidden_layers, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
                        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, hidden=c.hidden_size,
-                       intermediate=c.intermediate_size, vocab=c.vocab_size, largest_layer_params=largest)
+                       intermediate=_intermediate_size(c), vocab=c.vocab_size, largest_layer_params=largest)
     trainable = total
     if lora is not None:
         trainable = lora_parameters(model, lora["r"], lora["targets"])
         persistent = sum(p.numel() for p in params.values() if p.numel() < persistence_threshold)
         persistent += trainable if lora["r"] * 2 * shape.hidden < persistence_threshold else 0
     return shape, trainable, persistent
+
+
+def _intermediate_size(c) -> int:
+    """The MLP width under its various names (GPT-2: n_inner, None meaning 4 x hidden)."""
+    for key in ("intermediate_size", "n_inner", "ffn_dim"):
+        value = getattr(c, key, None)
+        if value:
+            return int(value)
+    return 4 * c.hidden_size
 
 
 def _lora_linears(model, targets):
