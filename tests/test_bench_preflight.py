@@ -102,9 +102,12 @@ def test_shape_of_the_builtin_tiny_llama_and_its_lora():
 
 def test_shape_of_an_architecture_without_intermediate_size():
     """GPT-2 names its MLP width n_inner (None: 4 x hidden); preflight must not trip over it."""
-    shape, _, _ = shape_from_config_dict({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
-                                          "vocab_size": 100, "n_positions": 64})
+    config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 64}
+    shape, _, _ = shape_from_config_dict(config)
     assert (shape.hidden, shape.intermediate, shape.layers, shape.heads) == (64, 256, 2, 4)
+    # Its projections are Conv1D: c_attn 64->192, attn c_proj 64->64, c_fc 64->256, mlp c_proj 256->64
+    _, lora, _ = shape_from_config_dict(config, {"r": 4, "targets": "all-linear"})
+    assert lora == 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
 
 
 def test_verdict_fits_and_suggests_a_remedy():

@@ -208,13 +208,18 @@ def _intermediate_size(c) -> int:
 
 
 def _lora_linears(model, targets):
+    """(in, out) widths of the layers LoRA adapts: Linear, and GPT-2's Conv1D (weight stored in x out)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or name.endswith("lm_head"):
             continue
         if targets == "all-linear" or name.split(".")[-1] in set(targets):
-            yield module
+            if isinstance(module, Conv1D):
+                yield module.weight.shape[0], module.weight.shape[1]
+            else:
+                yield module.in_features, module.out_features
 
 
 def lora_dropout_values(config: dict, targets) -> int:
@@ -224,12 +229,12 @@ def lora_dropout_values(config: dict, targets) -> int:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    return sum(module.in_features for module in _lora_linears(model, targets))
+    return sum(fan_in for fan_in, _ in _lora_linears(model, targets))
 
 
 def lora_parameters(model, r: int, targets) -> int:
-    """r * (in + out) for every targeted Linear ("all-linear": all but the output head)."""
-    return sum(r * (m.in_features + m.out_features) for m in _lora_linears(model, targets))
+    """r * (in + out) for every targeted layer ("all-linear": all but the output head)."""
+    return sum(r * (fan_in + fan_out) for fan_in, fan_out in _lora_linears(model, targets))
 
 
 def read_model_config(model_dir: str) -> dict:
