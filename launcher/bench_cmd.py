@@ -111,7 +111,7 @@ def peak_flops_total(run_dir: Path, world: int, threads: int, precision: str) ->
     return per_rank * world, f"measured fp32 1024^3 matmul with {threads} thread(s) x {world} ranks"
 
 
-def preflight_check(run_dir: Path, cfg, ours: List[dict], on_gpu: bool) -> dict:
+def preflight_check(cfg, ours: List[dict], on_gpu: bool) -> dict:
     """`shardtune preflight`'s per-rank estimate for this run next to the measured peak.
 
     Measured: the largest peak over ranks and rounds, resident set size on CPU, PyTorch's peak
@@ -193,7 +193,7 @@ def build_report(rounds: List[dict], args, world: int, threads: int) -> dict:
         "peak_flops_total": peak, "peak_flops_source": peak_source,
         "ours": [summarize(Path(r["ours_dir"]), args.warmup, flops_fn, peak) for r in rounds],
     }
-    report["preflight"] = preflight_check(first, cfg, report["ours"], _has_cuda())
+    report["preflight"] = preflight_check(cfg, report["ours"], _has_cuda())
     if args.vs == "hf":
         report["hf"] = [summarize(Path(r["hf_dir"]), args.warmup, flops_fn, peak) for r in rounds]
         ours_tps = statistics.median(o["trained_tokens_per_s"] for o in report["ours"])

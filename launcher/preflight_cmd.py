@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from trainer.config import ConfigError, RootConfig
 from trainer.preflight import (GB, Estimate, Setup, available_bytes_per_rank, estimate, format_table,
-                               setup_from_config, shape_from_config_dict, verdict, DS_PERSISTENCE_THRESHOLD)
+                               lora_dropout_values, setup_from_config, shape_from_config_dict, verdict,
+                               DS_PERSISTENCE_THRESHOLD)
 
 EXIT_WILL_NOT_FIT = 3
 USAGE = "usage: shardtune preflight [--json] [hydra overrides ...]   e.g. shardtune preflight deepspeed=zero2 peft=lora"
@@ -45,15 +47,12 @@ def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:
             targets = lora_targets(cfg.model.family)
         lora = {"r": cfg.peft.r, "targets": targets if isinstance(targets, str) else list(targets)}
     threshold = cfg.deepspeed.stage3_param_persistence_threshold
+    config = model_config_dict(cfg)
     shape, trainable, persistent = shape_from_config_dict(
-        model_config_dict(cfg), lora, DS_PERSISTENCE_THRESHOLD if threshold is None else threshold)
+        config, lora, DS_PERSISTENCE_THRESHOLD if threshold is None else threshold)
     setup = setup_from_config(cfg, on_gpu, trainable, persistent, shape)
     if lora is not None and cfg.peft.dropout > 0:
-        from dataclasses import replace
-
-        from trainer.preflight import lora_dropout_values
-
-        setup = replace(setup, lora_dropout_values=lora_dropout_values(model_config_dict(cfg), lora["targets"]))
+        setup = replace(setup, lora_dropout_values=lora_dropout_values(config, lora["targets"]))
     return setup, estimate(shape, setup), shape
 
 

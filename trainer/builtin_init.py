@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from trainer.pretrained import DEFAULT_CACHE, _FileLock
+from trainer.pretrained import DEFAULT_CACHE, publish_once
 
 MARKER = ".shardtune-init.json"  # written last: the folder is complete
 
@@ -50,25 +48,7 @@ def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
 
 
 def materialize(builtin_dir: Path, seed: int, cache_dir: Optional[str] = None) -> Path:
-    """The folder holding `builtin_dir`'s model with weights drawn from `seed` (made on first use).
-
-    Safe for concurrent callers (every rank calls it): one writes under a lock into a temporary
-    folder and renames it into place; the others wait and reuse it.
-    """
-    root = Path(cache_dir or DEFAULT_CACHE).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / _cache_name(builtin_dir, seed)
-    if (target / MARKER).is_file():
-        return target
-    with _FileLock(root / f"{target.name}.lock"):
-        if (target / MARKER).is_file():
-            return target
-        if target.exists():
-            shutil.rmtree(target)  # an interrupted earlier attempt (no marker)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-        try:
-            _write_init(builtin_dir, tmp, seed)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The folder holding `builtin_dir`'s model with weights drawn from `seed` (made on first use,
+    by one of the concurrent callers: every rank calls it)."""
+    target = Path(cache_dir or DEFAULT_CACHE).expanduser() / _cache_name(builtin_dir, seed)
+    return publish_once(target, MARKER, lambda folder: _write_init(builtin_dir, folder, seed), replace_incomplete=True)

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -56,9 +56,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _read_marker(out_dir: Path) -> Optional[dict]:
+def _read_marker(out_dir: Path, marker: str = MARKER) -> Optional[dict]:
     try:
-        return json.loads((out_dir / MARKER).read_text())
+        return json.loads((out_dir / marker).read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
 
@@ -92,14 +92,48 @@ def _stale_tmp_dirs(out_dir: Path) -> Iterator[Path]:
     return out_dir.parent.glob(f".{out_dir.name}.tmp-*")
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert `gguf_file` into a Hugging Face folder at `out_dir` and return `out_dir`.
+def publish_once(out_dir: Path, marker: str, write_into: Callable[[Path], None],
+                 replace_incomplete: bool = False) -> Path:
+    """Make the cache folder `out_dir` once, safely for concurrent callers, and return it.
 
-    Safe for concurrent callers (the ranks of a run, or several runs sharing a cache): if
-    `out_dir` already holds a complete conversion it is returned at once; otherwise one process
-    converts under a lock file while the others wait, then find the marker and return. The folder
-    is written in a temp dir next to `out_dir` and renamed into place, so a reader never sees a
-    half-written model and a killed converter leaves only a temp dir (removed by the next one).
+    `write_into(folder)` fills a temp dir next to `out_dir` and writes the file `marker` last; the
+    temp dir is then renamed into place, so a reader never sees a half-written folder and a killed
+    writer leaves only a temp dir (removed by the next one). One process writes under a lock file
+    while the others wait, then find the marker and return. A folder without its marker is an
+    interrupted attempt: replaced when `replace_incomplete`, else an error (it may be the user's).
+    """
+    if _read_marker(out_dir, marker) is not None:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _FileLock(out_dir.parent / f".{out_dir.name}.lock"):
+        if _read_marker(out_dir, marker) is not None:  # another process finished while we waited
+            return out_dir
+        if out_dir.exists():
+            if not replace_incomplete:
+                raise FileExistsError(f"{out_dir} exists but holds no finished conversion ({marker} is "
+                                      "missing); remove it or choose another model.cache_dir")
+            shutil.rmtree(out_dir)
+        for stale in _stale_tmp_dirs(out_dir):  # we hold the lock: these are from dead writers
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users of a shared cache must read it
+        try:
+            write_into(tmp)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:  # lost a race with a process the lock did not stop (other node)
+                if _read_marker(out_dir, marker) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert `gguf_file` into a Hugging Face folder at `out_dir` (once; see `publish_once`).
+
     fp32 is the default because the GGUF weights are dequantized from 4-bit and fp32 holds them
     exactly; a trainer can still load the folder in bf16.
     """
@@ -108,29 +142,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.floa
         return out_dir
     if not gguf_file.is_file():
         raise FileNotFoundError(f"{gguf_file}: no such GGUF file")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _FileLock(out_dir.parent / f".{out_dir.name}.lock"):
-        if _read_marker(out_dir) is not None:  # another process finished while we waited
-            return out_dir
-        if out_dir.exists():
-            raise FileExistsError(f"{out_dir} exists but holds no finished conversion ({MARKER} is "
-                                  "missing); remove it or choose another model.cache_dir")
-        for stale in _stale_tmp_dirs(out_dir):  # we hold the lock: these are from dead converters
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users of a shared cache must read it
-        try:
-            _convert_into(gguf_file, tmp, dtype)
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:  # lost a race with a process the lock did not stop (other node)
-                if _read_marker(out_dir) is None:
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return out_dir
+    return publish_once(out_dir, MARKER, lambda folder: _convert_into(gguf_file, folder, dtype))
 
 
 def _convert_into(gguf_file: Path, folder: Path, dtype: torch.dtype) -> None:
