@@ -103,11 +103,29 @@ def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
     """
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-        node = hydra_compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
+            node = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
+        raise ConfigError([composition_problem(err)]) from None
     cfg = to_config(node)
     return validate(cfg, has_cuda=has_cuda(cfg), check_files=validate_files)
+
+
+def composition_problem(err: Exception) -> str:
+    """Hydra's message for a bad override, with the schema's reason (e.g. "Key 'foo' not in 'TrainConfig'")."""
+    text = str(err).split("Config search path:")[0]  # Hydra's search path tells a user nothing here
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        reason = str(cause).splitlines()[0]
+        if reason not in lines:
+            lines.append(reason)
+    return "\n    ".join(lines)
 
 
 def train_main(argv: List[str]) -> int:

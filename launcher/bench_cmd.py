@@ -24,7 +24,8 @@ from launcher.rundir import REPO_ROOT
 # Settings that keep a bench run to training steps only: no eval, checkpoints or exports in between.
 BENCH_OVERRIDES = ["train.timing=true", "checkpoint.every_steps=0", "checkpoint.save_final=false",
                    "checkpoint.export_final=false", "eval.baseline=false", "eval.every_steps=0",
-                   "data.eval_files=[]", "data.eval_fraction=0", "train.log_every=1000000"]
+                   "data.eval_files=[]", "data.eval_fraction=0", "train.log_every=1000000",
+                   "eval.general_files=[]", "eval.prompts=[]", "eval.prompts_file=null"]
 
 
 def parse_args(argv: List[str]):
@@ -134,8 +135,13 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     from launcher.app import compose
+    from trainer.validate import ConfigError
 
-    cfg = compose(args.overrides)
+    try:
+        cfg = compose(args.overrides)
+    except ConfigError as err:
+        print(f"shardtune bench: {err}", file=sys.stderr)
+        return 2
     base = Path(cfg.run.dir).expanduser().resolve()
     world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
     threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.cluster.nproc_per_node)

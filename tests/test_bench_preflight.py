@@ -85,6 +85,10 @@ def test_activations_by_checkpointing():
     assert lora["LoRA dropout inputs"] == 50 * 6 * (4 + 1)  # fp32 dropped inputs + 1-byte masks
     eager = activation_bytes(shape, Setup(**{**s.__dict__, "attn": "eager"}))
     assert eager["attention scores (eager)"] == 2 * 2 * 3 * 3 * 2 * 4 * 2  # 2 x heads x S^2 x B x bytes x L
+    chunked = activation_bytes(shape, Setup(**{**s.__dict__, "loss_chunks": 4}))
+    assert "logits and loss" not in chunked
+    assert chunked["logits and loss (one chunk)"] == 3 * 2 * 32 * 4  # ceil(6 tokens / 4) = 2 tokens at a time
+    assert chunked["head inputs (label tokens)"] == 6 * 8 * 4
 
 
 def test_shape_of_the_builtin_tiny_llama_and_its_lora():

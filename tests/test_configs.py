@@ -119,3 +119,16 @@ def test_ds_config_is_derived_from_the_config():
 def test_validate_passes_a_good_config_through():
     cfg = compose(["cluster.device=cpu"])
     assert validate(cfg, has_cuda=False) is cfg
+
+
+@pytest.mark.parametrize("command", ["preflight", "bench"])
+@pytest.mark.parametrize("override, needles", [
+    ("train.foo=1", ["train.foo", "Key 'foo' not in 'TrainConfig'"]),
+    ("model=nosuch", ["model/nosuch", "tiny_llama"]),
+    ("train.micro_batch_size=abc", ["train.micro_batch_size=abc", "Integer"])])
+def test_subcommands_name_a_bad_override_without_a_traceback(command, override, needles):
+    proc = shardtune(command, override, timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stdout
+    for needle in needles:
+        assert needle in proc.stdout

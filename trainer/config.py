@@ -30,6 +30,9 @@ class ModelConfig:
     chat_template: Optional[str] = None  # "chatml" or a Jinja template; None keeps the tokenizer's
     activation_checkpointing: str = "none"  # none | full | selective
     compile: bool = False
+    # 1: the model's own head and one cross-entropy over B x S x V logits; N > 1: the head applied to
+    # label tokens only, in N checkpointed chunks (trainer/loss.py): a 1/N of the logits' memory
+    loss_chunks: int = 1
     frozen_modules: List[str] = field(default_factory=list)  # full FT: name patterns kept frozen
     init_seed: Optional[int] = None  # builtin models: seed of the random init (default: run seed)
     cache_dir: Optional[str] = None  # where converted models (GGUF -> HF) are kept

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from trainer import checkpoint
 from trainer.config import RootConfig
 from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
 from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
 from trainer.data.render import IGNORE
+from trainer.loss import sum_cross_entropy
 from trainer.faults import Faults
 from trainer.distributed import DistInfo, sum_across_ranks
 from trainer.timing import lap
@@ -64,17 +64,6 @@ class TrainContext:
     timer: Any = None  # trainer.timing.PhaseTimer when train.timing=true (shardtune bench)
 
 
-def sum_cross_entropy(engine, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum (not mean) of the next-token loss over the label tokens of a micro-batch, in fp32."""
-    kwargs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = engine(**kwargs, use_cache=False).logits.float()  # no copy when already fp32
-    # Shift the labels, not the logits: slicing logits[:, :-1] would copy the whole B x S x V tensor
-    # (2 GB per 4k-token row at a 128k vocabulary). The last position gets no target.
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-
-
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -99,7 +88,7 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
         lap(ctx.timer, "data", batch)
         ctx.heartbeat.beat(step, "forward")
-        sum_ce = sum_cross_entropy(engine, batch) * faults.loss_factor(step + 1)
+        sum_ce = sum_cross_entropy(engine, batch, cfg.model.loss_chunks) * faults.loss_factor(step + 1)
         finite = bool(torch.isfinite(sum_ce))
         local_nonfinite |= not finite
         local_sum += sum_ce.item() if finite else 0.0
@@ -151,7 +140,7 @@ def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, flo
         ctx.heartbeat.touch()  # a long eval is not a hang
         indices = shard[b * mbs:(b + 1) * mbs]
         batch = _to_device(collate([dataset[i] for i in (indices or [0])], ctx.tokenizer.pad_token_id), info.device)
-        sum_ce = sum_cross_entropy(ctx.engine, batch)
+        sum_ce = sum_cross_entropy(ctx.engine, batch, ctx.cfg.model.loss_chunks)
         if indices:
             local_sum += sum_ce.item()
             local_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -98,6 +98,10 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = _create(cfg, source, dtype)
     model.config.use_cache = False  # a KV cache would defeat the packed-document attention isolation
+    if cfg.loss_chunks > 1:
+        from trainer.loss import check_chunked_loss_supported
+
+        check_chunked_loss_supported(model.config)
     from trainer.speed import apply_speed_switches
 
     model = apply_speed_switches(model, cfg.activation_checkpointing, cfg.compile)  # checkpointing, compile

@@ -18,7 +18,8 @@ Memory per rank, in bytes (P parameters, T trainable, W ranks, b bytes per 16/32
                    recomputes one layer at a time; selective keeps the matmul outputs. LoRA with
                    dropout keeps each adapted layer's dropped input (and its 1-byte mask) as well.
     logits         3 B*S*V fp32 values around the loss (logits, log-softmax, and one gradient of that
-                   size at a time in backward; the labels are shifted, not the logits)
+                   size at a time in backward; the labels are shifted, not the logits); with
+                   model.loss_chunks=N, those of B*S/N tokens + the label tokens' hidden states
     runtime        CPU: the resident size of a rank before training (Python, torch, DeepSpeed, gloo,
                    tokenizer, data), measured; GPU: PyTorch's allocator only (the CUDA context is not
                    in torch's counters)
@@ -62,6 +63,7 @@ class Setup:
     prefetch_bucket: int = DS_PREFETCH_BUCKET
     # LoRA with dropout > 0: values per token (all layers) of the dropped inputs its adapters keep
     lora_dropout_values: int = 0
+    loss_chunks: int = 1  # model.loss_chunks: the head and loss over 1/N of the tokens at a time
 
 
 @dataclass
@@ -142,7 +144,11 @@ def activation_bytes(shape: ModelShape, s: Setup) -> Dict[str, int]:
         parts["attention scores (eager)"] = 2 * shape.heads * s.seq_len ** 2 * s.micro_batch * b * layers
     if s.lora_dropout_values:  # dropped inputs in the model dtype + their bool masks
         parts["LoRA dropout inputs"] = s.lora_dropout_values * tokens * (b + 1)
-    parts["logits and loss"] = 3 * tokens * shape.vocab * 4
+    if s.loss_chunks > 1:  # one chunk's logits at a time, plus the label tokens' gathered hidden states
+        parts["logits and loss (one chunk)"] = 3 * -(-tokens // s.loss_chunks) * shape.vocab * 4
+        parts["head inputs (label tokens)"] = tokens * shape.hidden * b
+    else:
+        parts["logits and loss"] = 3 * tokens * shape.vocab * 4
     return parts
 
 
@@ -252,6 +258,7 @@ def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape:
                  seq_len=cfg.data.max_seq_len, trainable=None if trainable == shape.params else trainable,
                  offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                  checkpointing=cfg.model.activation_checkpointing, attn=cfg.model.attn_implementation,
+                 loss_chunks=cfg.model.loss_chunks,
                  on_gpu=on_gpu, persistent_params=persistent if ds.stage == 3 else 0,
                  reduce_bucket=zero.get("reduce_bucket_size", DS_REDUCE_BUCKET),
                  prefetch_bucket=zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))
@@ -280,6 +287,7 @@ def _mem_available() -> int:
 
 REMEDIES = [  # (what to tell the user, how it changes the setup); tried in order
     ("deepspeed=zero3", lambda s: replace(s, stage=3) if s.stage < 3 else None),
+    ("model.loss_chunks=8", lambda s: replace(s, loss_chunks=8) if s.loss_chunks < 8 else None),
     ("model.activation_checkpointing=full", lambda s: replace(s, checkpointing="full") if s.checkpointing != "full" else None),
     ("train.micro_batch_size={mbs}", lambda s: replace(s, micro_batch=s.micro_batch // 2) if s.micro_batch > 1 else None),
     ("deepspeed=zero3_offload", lambda s: replace(s, stage=3, offload_optimizer=True, offload_param=True)

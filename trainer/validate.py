@@ -51,7 +51,7 @@ def _check_choices(cfg: RootConfig, problems: List[str]) -> None:
 def _check_positive(cfg: RootConfig, problems: List[str]) -> None:
     for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
                 "data.max_seq_len", "cluster.nnodes", "cluster.nproc_per_node", "cluster.timeout_s",
-                "data.num_proc"):
+                "data.num_proc", "model.loss_chunks"):
         value = _get(cfg, key)
         if value < 1:
             problems.append(f"{key}={value} must be >= 1")
