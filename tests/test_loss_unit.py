@@ -2,9 +2,12 @@
 import pytest
 import torch
 
+from helpers import REPO
+from trainer.config import ConfigError, RootConfig
 from trainer.data.render import IGNORE
 from trainer.loss import check_chunked_loss_supported, sum_cross_entropy
 from trainer.model import BUILTIN_DIR
+from trainer.validate import validate
 
 
 def tiny_model():
@@ -73,9 +76,18 @@ def test_chunked_loss_never_makes_the_whole_logits():
     assert sum(rows) == label_tokens  # masked prompt and padding positions never reach the head
 
 
-def test_models_that_transform_their_logits_are_refused():
+def test_models_that_transform_their_logits_are_refused(tmp_path):
     from transformers import AutoConfig
 
-    with pytest.raises(ValueError, match="final_logit_softcapping.*model.loss_chunks=1"):
-        check_chunked_loss_supported(AutoConfig.for_model("gemma2"))
-    check_chunked_loss_supported(AutoConfig.for_model("llama"))
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 .*model.loss_chunks=1"):
+        check_chunked_loss_supported(AutoConfig.for_model("gemma2"), 4)
+    check_chunked_loss_supported(AutoConfig.for_model("llama"), 4)
+    # before any process is spawned, from the model folder's config.json
+    AutoConfig.for_model("gemma2").save_pretrained(tmp_path)
+    cfg = RootConfig()
+    cfg.model.name_or_path, cfg.model.loss_chunks, cfg.run.dir, cfg.run.name = str(tmp_path), 4, "/tmp/x", "x"
+    cfg.data.train_files = [str(REPO / "samples/chat/train.jsonl")]
+    with pytest.raises(ConfigError, match="model.loss_chunks=4: this gemma2 applies final_logit_softcapping"):
+        validate(cfg, has_cuda=False)
+    cfg.model.loss_chunks = 1
+    validate(cfg, has_cuda=False)

@@ -15,7 +15,7 @@ Every rank runs N pieces, some possibly empty, whatever its data: the same patte
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +97,19 @@ def output_head(engine) -> torch.nn.Module:
     return head
 
 
-def check_chunked_loss_supported(model_config) -> None:
+def logit_transform_problem(config: dict) -> Optional[str]:
+    """Why model.loss_chunks > 1 cannot train this model (a config.json as a dict), or None."""
+    for scope in (config, config.get("text_config") or {}):
+        for key in LOGIT_TRANSFORM_KEYS:
+            if scope.get(key) not in (None, 1, 1.0):
+                return (f"model.loss_chunks={{chunks}}: this {config.get('model_type', 'model')} applies {key}="
+                        f"{scope[key]} to its logits after the output head, which the chunked loss does not "
+                        "reproduce; set model.loss_chunks=1")
+    return None
+
+
+def check_chunked_loss_supported(model_config, chunks: int) -> None:
     """Refuse model.loss_chunks > 1 for a model that transforms its logits after the head."""
-    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    for key in LOGIT_TRANSFORM_KEYS:
-        if getattr(text_config, key, None) not in (None, 1, 1.0):
-            raise ValueError(f"model.loss_chunks > 1: {type(model_config).__name__} applies {key}="
-                             f"{getattr(text_config, key)} to its logits after the output head, which the "
-                             "chunked loss does not reproduce; set model.loss_chunks=1")
+    problem = logit_transform_problem(model_config.to_dict())
+    if problem:
+        raise ValueError(problem.format(chunks=chunks))

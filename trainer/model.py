@@ -101,7 +101,7 @@ def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any
     if cfg.loss_chunks > 1:
         from trainer.loss import check_chunked_loss_supported
 
-        check_chunked_loss_supported(model.config)
+        check_chunked_loss_supported(model.config, cfg.loss_chunks)
     from trainer.speed import apply_speed_switches
 
     model = apply_speed_switches(model, cfg.activation_checkpointing, cfg.compile)  # checkpointing, compile

