@@ -5,7 +5,8 @@
 Reads OURS/config.yaml and OURS/ds_config.json (the very file our engine gets) and trains the same
 model (same random init), on the same samples in the same order (our global batch sampler's
 order, fed sequentially: accelerate hands micro-batch k to rank k mod W, as our sampler does),
-with the same sequence length, micro-batch, accumulation, precision, optimizer and clipping.
+with the same peft method, sequence length, micro-batch, accumulation, precision, optimizer and
+clipping.
 Batches are padded to their longest sample with our collate function. Each rank writes
 HF_DIR/timing/rank<R>.json in the schema of trainer/timing.py (no phase breakdown: HF Trainer
 exposes none).
@@ -65,6 +66,10 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
     train_set, _ = build_datasets(cfg.data, tokenizer)
     model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu))
     model.config.use_cache = False
+    if cfg.peft.method != "none":  # the same peft method and settings, through peft.get_peft_model
+        from trainer.peft_methods import apply_peft
+
+        model = apply_peft(model, cfg.peft, cfg.model.family, zero3=ds_config["zero_optimization"]["stage"] == 3)
     samples = ordered_samples(cfg, train_set, world, steps)
     pad_id = tokenizer.pad_token_id
 
