@@ -102,7 +102,6 @@ def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
     For the subcommands that need a config but no run (preflight, data preview, bench).
     """
     from hydra import compose as hydra_compose, initialize_config_dir
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

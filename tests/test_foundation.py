@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
         "zero0_1rank": ["deepspeed=zero0", "cluster.nproc_per_node=1", "train.micro_batch_size=4"],
         "zero2": ["deepspeed=zero2", "cluster.nproc_per_node=2", "train.micro_batch_size=2"],
         "zero3": ["deepspeed=zero3", "cluster.nproc_per_node=2", "train.micro_batch_size=2"],
-        # the head (tied to the embedding) called once per chunk: ZeRO-3 gathers it each time
+        # the loss in 3 checkpointed pieces inside one call of the head (tied to the embedding) under ZeRO-3
         "zero3_chunked_loss": ["deepspeed=zero3", "cluster.nproc_per_node=2", "train.micro_batch_size=2",
                                "model.loss_chunks=3"],
         "zero3_lora": ["deepspeed=zero3", "peft=lora", "cluster.nproc_per_node=2", "train.micro_batch_size=2",
