@@ -42,7 +42,7 @@ def ssh_command(cfg: RootConfig, run_dir: Path) -> List[str]:
 def write_remote_env(cfg: RootConfig, on_gpu: bool, run_dir: Path) -> Path:
     """The variables every remote rank needs; the deepspeed launcher exports the file's lines there."""
     env = worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node)
-    keys = ["OMP_NUM_THREADS", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", *cfg.cluster.env]
+    keys = ["OMP_NUM_THREADS", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "LD_PRELOAD", *cfg.cluster.env]
     if not on_gpu:
         keys.append("DS_ACCELERATOR")
     path = run_dir / "deepspeed_env"

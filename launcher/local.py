@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from launcher.rundir import REPO_ROOT
+from trainer.allocator import preload_env
 from trainer.config import RootConfig
 from trainer.control import (EXIT_HUNG, EXIT_RESUME_ME, control_dir, describe_rank, describe_stragglers,
                              likely_stuck, request_stop, stale_ranks)
@@ -35,7 +36,7 @@ def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, s
     threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_on_node)
     env["OMP_NUM_THREADS"] = str(threads)
     env.update({k: str(v) for k, v in cfg.cluster.env.items()})
-    return env
+    return preload_env(cfg.cluster.allocator, on_gpu, env)
 
 
 def local_command(cfg: RootConfig, run_dir: Path, port: int) -> Tuple[List[str], Dict[str, str]]:

@@ -154,6 +154,12 @@ def test_bench_vs_hf_writes_every_field(tmp_path):
     assert ours["trained_tokens"] == hf["trained_tokens"] and ours["input_tokens"] == hf["input_tokens"]
     for rank in ("rank0", "rank1"):
         assert ours["peak_memory"][rank]["peak_rss_bytes"] > 100 * 2 ** 20
+    # cluster.allocator=auto: the library found here is the one the ranks run with
+    from trainer.allocator import choose
+
+    library = choose("auto", on_gpu=False)
+    expected = "glibc" if library is None else "jemalloc" if "jemalloc" in library else "tcmalloc"
+    assert ours["peak_memory"]["rank0"]["allocator"] == expected
     assert report["ratio_trained_tokens_per_s"] > 0 and "ours / HF Trainer" in proc.stdout
     # The preflight estimate is put next to the measured peak (the target is 15 %; a looser bound
     # here, since a 3-step run on a shared CI machine is not where the figure is taken).

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint
+from trainer.allocator import in_use as allocator_in_use
 from trainer.config import RootConfig, load_run_config
 from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers
 from trainer.distributed import DistInfo, init_distributed, shutdown
@@ -70,7 +71,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
                                  info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
     model = build_model(cfg.model, cfg.peft, ds_config, info.on_gpu, cfg.seed)
     trainable, total = count_parameters(model)
-    log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)")
+    log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
+        f"memory allocator: {allocator_in_use()}")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -55,6 +55,9 @@ class PhaseTimer:
         self.last_end = self.last_lap = time.perf_counter()
         self.input_tokens, self.trained_tokens, self.square_lengths = 0, 0, 0.0
         self.train_memory: Dict[str, Any] = {}
+        from trainer.allocator import in_use
+
+        self.allocator = in_use()  # what CPU peaks depend on: glibc keeps freed blocks resident
 
     def _sync(self) -> None:
         # GPU work is asynchronous: without a sync the time lands in whichever phase waits next.
@@ -89,7 +92,7 @@ class PhaseTimer:
         self.last_end = self.last_lap = time.perf_counter()
 
     def memory(self) -> Dict[str, Any]:
-        facts: Dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes()}
+        facts: Dict[str, Any] = {"peak_rss_bytes": peak_rss_bytes(), "allocator": self.allocator}
         if self.device.type == "cuda":
             import torch
 

@@ -27,6 +27,7 @@ CHOICES = {
     "optim.scheduler": ("cosine", "linear", "constant"),
     "cluster.backend": ("local", "slurm", "hostfile"),
     "cluster.device": ("auto", "cpu", "cuda"),
+    "cluster.allocator": ("auto", "jemalloc", "tcmalloc", "glibc"),
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("online", "offline", "disabled"),
     "run.launch": ("spawn", "print", "dry_run"),
@@ -184,8 +185,13 @@ def _check_data(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
 
 
 def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
-    """Multi-node settings: Slurm job limits, hostfile and no-ssh rendezvous."""
+    """Multi-node settings: Slurm job limits, hostfile and no-ssh rendezvous; the allocator."""
+    from trainer.allocator import missing_problem
+
     c = cfg.cluster
+    problem = missing_problem(c.allocator)
+    if problem:
+        problems.append(problem)
     if c.backend == "slurm":
         for key in ("cluster.slurm.max_requeues", "cluster.slurm.signal_seconds", "cluster.slurm.gpus_per_node"):
             if _get(cfg, key) < 0:
