@@ -83,8 +83,8 @@ def report(cfg: RootConfig, on_gpu: bool) -> Tuple[bool, str, dict]:
                          "blocks: a rank holds about its live tensors")
         else:
             lines.append("allocator: glibc: on CPU it keeps freed blocks on top of these live tensors (measured "
-                         "+13 % of activations for full fine-tuning, +85 % for LoRA): keep 1.25x / 1.5x headroom, "
-                         "or install jemalloc (apt-get install libjemalloc2)")
+                         "+14 % of activations for full fine-tuning, +85 % for LoRA): keep 1.25x / 1.5x headroom, "
+                         "or see cluster.allocator in docs/performance.md")
     return fits, "\n".join(lines), facts
 
 

@@ -142,7 +142,7 @@ BENCH_FIELDS = ("median_step_time_s", "trained_tokens_per_s", "input_tokens_per_
 def test_bench_vs_hf_writes_every_field(tmp_path):
     proc = shardtune("bench", "--steps", "2", "--warmup", "1", "--vs", "hf", f"run.dir={tmp_path}",
                      "data.max_seq_len=128", "train.micro_batch_size=2", "deepspeed.reduce_bucket_size=1000000",
-                     "cluster.timeout_s=120", check=True)
+                     "cluster.timeout_s=120", "cluster.allocator=auto", check=True)
     report = json.loads((tmp_path / "bench.json").read_text())
     ours, hf = report["ours"][0], report["hf"][0]
     for field in BENCH_FIELDS:
@@ -154,7 +154,7 @@ def test_bench_vs_hf_writes_every_field(tmp_path):
     assert ours["trained_tokens"] == hf["trained_tokens"] and ours["input_tokens"] == hf["input_tokens"]
     for rank in ("rank0", "rank1"):
         assert ours["peak_memory"][rank]["peak_rss_bytes"] > 100 * 2 ** 20
-    # cluster.allocator=auto: the library found here is the one the ranks run with
+    # cluster.allocator=auto: the library found here (CI installs jemalloc) is the one the ranks run with
     from trainer.allocator import choose
 
     library = choose("auto", on_gpu=False)

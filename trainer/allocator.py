@@ -1,15 +1,17 @@
 """Which memory allocator CPU ranks run with (cluster.allocator), preloaded into every rank.
 
 glibc's malloc keeps the holes that freed temporaries leave between live activations: measured on
-SmolLM2's shapes, a LoRA forward held 85 % more than its live tensors (full fine-tuning 13 %), so
-a CPU run's memory was neither what the tensors need nor what `shardtune preflight` predicts.
-jemalloc and tcmalloc reuse those holes (the same forward held its live size) without the cost of
-glibc's mmap-per-block setting. See docs/performance.md for the figures.
+SmolLM2's shapes, a LoRA forward held 85 % more than its live tensors (full fine-tuning 14 %), so
+a CPU run's memory is neither what the tensors need nor what `shardtune preflight` predicts.
+jemalloc and tcmalloc reuse those holes (the same forward held its live size). On 2 CPU ranks
+jemalloc made ZeRO-1/2 steps 8-12 % shorter and their peaks 10-18 % lower, but one larger run
+(SmolLM2-135M LoRA, ZeRO-3, 4 x 512) stalled with it on this 24 GB machine, so it is opt-in.
+See docs/performance.md for the figures.
 
+    glibc     (default) the C library's malloc, nothing preloaded
     auto      on CPU: jemalloc if its library is installed, else tcmalloc, else glibc;
               on GPU: glibc (host memory is not what limits a GPU job)
     jemalloc  / tcmalloc: that library, or a config error naming the package to install
-    glibc     the C library's malloc, nothing preloaded
 """
 from __future__ import annotations
 

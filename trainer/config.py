@@ -175,9 +175,9 @@ class ClusterConfig:
     ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
     device: str = "auto"  # auto | cpu | cuda
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
-    # auto (CPU: jemalloc, else tcmalloc, when installed; else glibc) | jemalloc | tcmalloc | glibc:
-    # preloaded into every rank; glibc keeps freed activation blocks (trainer/allocator.py)
-    allocator: str = "auto"
+    # glibc | auto (CPU: jemalloc, else tcmalloc, when installed) | jemalloc | tcmalloc: preloaded
+    # into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
+    allocator: str = "glibc"
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
     heartbeat_timeout_s: int = 120
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
