@@ -17,6 +17,7 @@ from typing import List
 
 from launcher.local import run_workers, worker_env
 from launcher.node import node_command, read_hostfile, start_node
+from trainer.allocator import choose as choose_allocator
 from trainer.config import RootConfig
 
 
@@ -42,9 +43,11 @@ def ssh_command(cfg: RootConfig, run_dir: Path) -> List[str]:
 def write_remote_env(cfg: RootConfig, on_gpu: bool, run_dir: Path) -> Path:
     """The variables every remote rank needs; the deepspeed launcher exports the file's lines there."""
     env = worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node)
-    keys = ["OMP_NUM_THREADS", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", "LD_PRELOAD", *cfg.cluster.env]
+    keys = ["OMP_NUM_THREADS", "PYTHONPATH", "TORCH_EXTENSIONS_DIR", *cfg.cluster.env]
     if not on_gpu:
         keys.append("DS_ACCELERATOR")
+    if choose_allocator(cfg.cluster.allocator, on_gpu):  # the same library path on every host
+        keys += ["LD_PRELOAD", "MALLOC_CONF"]
     path = run_dir / "deepspeed_env"
     path.write_text("".join(f"{k}={env[k]}\n" for k in keys if env.get(k)))
     return path

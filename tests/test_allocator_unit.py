@@ -51,3 +51,19 @@ def test_validation_names_the_missing_allocator(libs):
     cfg.cluster.allocator = "tcmalloc"
     with pytest.raises(ConfigError, match="cluster.allocator=tcmalloc: its library is not installed"):
         validate(cfg, has_cuda=False, check_files=False)
+
+
+def test_hostfile_launches_export_the_preload_only_when_shardtune_chose_it(libs, tmp_path, monkeypatch):
+    from launcher.hostfile import write_remote_env
+    from trainer.config import RootConfig
+
+    (libs / "libjemalloc.so.2").write_bytes(b"")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/only-on-this-host.so")
+    cfg = RootConfig()
+    cfg.cluster.allocator = "glibc"
+    lines = write_remote_env(cfg, False, tmp_path).read_text().splitlines()
+    assert not any(line.startswith(("LD_PRELOAD=", "MALLOC_CONF=")) for line in lines)
+    cfg.cluster.allocator = "jemalloc"
+    lines = write_remote_env(cfg, False, tmp_path).read_text().splitlines()
+    assert f"LD_PRELOAD={libs / 'libjemalloc.so.2'}:/opt/only-on-this-host.so" in lines
+    assert f"MALLOC_CONF={allocator.JEMALLOC_CONF}" in lines
