@@ -84,7 +84,7 @@ def report(cfg: RootConfig, on_gpu: bool) -> Tuple[bool, str, dict]:
         else:
             lines.append("allocator: glibc: on CPU it keeps freed blocks on top of these live tensors (measured "
                          "+14 % of activations for full fine-tuning, +85 % for LoRA): keep 1.25x / 1.5x headroom, "
-                         "or see cluster.allocator in docs/performance.md")
+                         "or use cluster.allocator=tcmalloc (docs/performance.md)")
     return fits, "\n".join(lines), facts
 
 

@@ -13,12 +13,13 @@ def libs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_auto_prefers_jemalloc_then_tcmalloc_on_cpu_only(libs):
+def test_auto_prefers_tcmalloc_then_jemalloc_on_cpu_only(libs):
     assert allocator.choose("auto", on_gpu=False) is None  # nothing installed: glibc
-    (libs / "libtcmalloc_minimal.so.4").write_bytes(b"")
-    assert allocator.choose("auto", on_gpu=False) == str(libs / "libtcmalloc_minimal.so.4")
     (libs / "libjemalloc.so.2").write_bytes(b"")
     assert allocator.choose("auto", on_gpu=False) == str(libs / "libjemalloc.so.2")
+    (libs / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert allocator.choose("auto", on_gpu=False) == str(libs / "libtcmalloc_minimal.so.4")
+    assert allocator.choose("jemalloc", on_gpu=False) == str(libs / "libjemalloc.so.2")
     assert allocator.choose("auto", on_gpu=True) is None  # host memory does not limit a GPU job
     assert allocator.choose("tcmalloc", on_gpu=True) == str(libs / "libtcmalloc_minimal.so.4")
     assert allocator.choose("glibc", on_gpu=False) is None

@@ -154,7 +154,7 @@ def test_bench_vs_hf_writes_every_field(tmp_path):
     assert ours["trained_tokens"] == hf["trained_tokens"] and ours["input_tokens"] == hf["input_tokens"]
     for rank in ("rank0", "rank1"):
         assert ours["peak_memory"][rank]["peak_rss_bytes"] > 100 * 2 ** 20
-    # cluster.allocator=auto: the library found here (CI installs jemalloc) is the one the ranks run with
+    # cluster.allocator=auto: the library found here (CI installs tcmalloc) is the one the ranks run with
     from trainer.allocator import choose
 
     library = choose("auto", on_gpu=False)

@@ -3,13 +3,12 @@
 glibc's malloc keeps the holes that freed temporaries leave between live activations: measured on
 SmolLM2's shapes, a LoRA forward held 85 % more than its live tensors (full fine-tuning 14 %), so
 a CPU run's memory is neither what the tensors need nor what `shardtune preflight` predicts.
-jemalloc and tcmalloc reuse those holes (the same forward held its live size). On 2 CPU ranks
-jemalloc made ZeRO-1/2 steps 8-12 % shorter and their peaks 10-18 % lower, but one larger run
-(SmolLM2-135M LoRA, ZeRO-3, 4 x 512) stalled with it on this 24 GB machine, so it is opt-in.
-See docs/performance.md for the figures.
+tcmalloc reuses those holes: on 2 CPU ranks it lowered peaks by up to 23 % at the same step time
+(figures in docs/performance.md). jemalloc did on ZeRO-1/2 but held 37 % more than glibc under
+ZeRO-3 with LoRA. Opt-in for now: glibc stays the default.
 
     glibc     (default) the C library's malloc, nothing preloaded
-    auto      on CPU: jemalloc if its library is installed, else tcmalloc, else glibc;
+    auto      on CPU: tcmalloc if its library is installed, else jemalloc, else glibc;
               on GPU: glibc (host memory is not what limits a GPU job)
     jemalloc  / tcmalloc: that library, or a config error naming the package to install
 """
@@ -56,7 +55,7 @@ def choose(setting: str, on_gpu: bool) -> Optional[str]:
     if setting == "glibc" or (setting == "auto" and on_gpu):
         return None
     if setting == "auto":
-        return find_library("jemalloc") or find_library("tcmalloc")
+        return find_library("tcmalloc") or find_library("jemalloc")
     return find_library(setting)
 
 

@@ -175,7 +175,7 @@ class ClusterConfig:
     ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
     device: str = "auto"  # auto | cpu | cuda
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
-    # glibc | auto (CPU: jemalloc, else tcmalloc, when installed) | jemalloc | tcmalloc: preloaded
+    # glibc | auto (CPU: tcmalloc, else jemalloc, when installed) | tcmalloc | jemalloc: preloaded
     # into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
     allocator: str = "glibc"
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
