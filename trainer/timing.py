@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List
 
+from trainer.allocator import in_use as allocator_in_use
+
 PHASES = ("data", "forward", "backward", "loss_allreduce", "optimizer")
 
 
@@ -55,9 +57,7 @@ class PhaseTimer:
         self.last_end = self.last_lap = time.perf_counter()
         self.input_tokens, self.trained_tokens, self.square_lengths = 0, 0, 0.0
         self.train_memory: Dict[str, Any] = {}
-        from trainer.allocator import in_use
-
-        self.allocator = in_use()  # what CPU peaks depend on: glibc keeps freed blocks resident
+        self.allocator = allocator_in_use()  # what CPU peaks depend on: glibc keeps freed blocks resident
 
     def _sync(self) -> None:
         # GPU work is asynchronous: without a sync the time lands in whichever phase waits next.
