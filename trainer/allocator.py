@@ -3,13 +3,13 @@
 glibc's malloc keeps the holes that freed temporaries leave between live activations: measured on
 SmolLM2's shapes, a LoRA forward held 85 % more than its live tensors (full fine-tuning 14 %), so
 a CPU run's memory is neither what the tensors need nor what `shardtune preflight` predicts.
-tcmalloc reuses those holes: on 2 CPU ranks it lowered peaks by up to 23 % at the same step time
+tcmalloc reuses those holes: on 2 CPU ranks it lowered peaks by 19-23 % and mostly shortened steps
 (figures in docs/performance.md). jemalloc did on ZeRO-1/2 but held 37 % more than glibc under
-ZeRO-3 with LoRA. Opt-in for now: glibc stays the default.
+ZeRO-3 with LoRA, hence tcmalloc first.
 
-    glibc     (default) the C library's malloc, nothing preloaded
-    auto      on CPU: tcmalloc if its library is installed, else jemalloc, else glibc;
+    auto      (default) on CPU: tcmalloc if its library is installed, else jemalloc, else glibc;
               on GPU: glibc (host memory is not what limits a GPU job)
+    glibc     the C library's malloc, nothing preloaded
     jemalloc  / tcmalloc: that library, or a config error naming the package to install
 """
 from __future__ import annotations

@@ -175,9 +175,9 @@ class ClusterConfig:
     ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
     device: str = "auto"  # auto | cpu | cuda
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
-    # glibc | auto (CPU: tcmalloc, else jemalloc, when installed) | tcmalloc | jemalloc: preloaded
-    # into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
-    allocator: str = "glibc"
+    # auto (CPU: tcmalloc, else jemalloc, when installed; else glibc) | tcmalloc | jemalloc | glibc:
+    # preloaded into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
+    allocator: str = "auto"
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
     heartbeat_timeout_s: int = 120
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
