@@ -159,10 +159,10 @@ def _check_chunked_loss(cfg: RootConfig, problems: List[str]) -> None:
     import json
 
     from trainer.loss import logit_transform_problem
+    from trainer.model import BUILTIN_DIR
 
     name = cfg.model.name_or_path
-    folder = (Path(__file__).parent / "builtin" / name.split(":", 1)[1] if name.startswith("builtin:")
-              else Path(os.path.expanduser(name)))
+    folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else Path(os.path.expanduser(name))
     config_file = folder / "config.json"
     if cfg.model.gguf_file or not config_file.is_file():
         return
