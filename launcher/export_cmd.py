@@ -119,7 +119,8 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
     if merge and cfg.peft.method == "prefix_tuning":
         raise SystemExit("--merge: prefix tuning adds key/value prefixes, not weight deltas, so it cannot be "
                          "merged; export the adapter (without --merge)")
-    model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}}, on_gpu=False, seed=cfg.seed)
+    model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}},
+                        device=torch.device("cpu"), seed=cfg.seed)
     model.load_state_dict(materialize(tensors, torch.float32), strict=True)
     model.eval()
     tokenizer = build_tokenizer(cfg.model)

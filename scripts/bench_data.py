@@ -40,6 +40,14 @@ def generate(path: Path, n: int, seed: int = 0) -> None:
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
+def generate_text(path: Path, n: int, words_per_doc: int, seed: int = 0) -> None:
+    """`n` plain-text documents of `words_per_doc` words: fixed-length rows once truncated."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            handle.write(json.dumps({"text": " ".join(rng.choice(WORDS, words_per_doc))}) + "\n")
+
+
 def padding_slots(lengths: np.ndarray, micro_batch: int, rng) -> int:
     """Token slots when random micro-batches are padded to their own longest sample."""
     order = rng.permutation(len(lengths))

