@@ -145,7 +145,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = Path(cfg.run.dir).expanduser().resolve()
     world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
     threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.cluster.nproc_per_node)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO_ROOT))
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # keep the user's
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=python_path)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     total_steps = args.steps + args.warmup
     rounds: List[dict] = []
