@@ -24,7 +24,7 @@ from bench_data import generate, generate_text; generate(Path('$WORK/chat.jsonl'
 generate_text(Path('$WORK/text.jsonl'), 1500, 3000)"
 
 # Shared by every case: one GPU, random weights, no eval; data tokenized by 8 processes.
-COMMON="cluster.device=cuda model=local model.random_init=true data.num_proc=8 data.max_seq_len=4096"
+COMMON="cluster.device=cuda cluster.nproc_per_node=1 model=local model.random_init=true data.num_proc=8 data.max_seq_len=4096"
 ONE_B="$COMMON model.name_or_path=$WORK/llama-1b deepspeed=zero1"
 EIGHT_B="$COMMON model.name_or_path=$WORK/llama-8b deepspeed=zero1 peft=lora"
 CHAT_ALL="data.train_files=[$WORK/chat.jsonl] data.loss_on=all data.packing=true"  # every token trained
@@ -33,7 +33,7 @@ FIXED="data.train_files=[$WORK/text.jsonl] data.format=text data.packing=false" 
 
 case_args() {
   case "$1" in
-    smoke)           echo "--steps 3 --warmup 1 cluster.device=cuda data.packing=true" ;;
+    smoke)           echo "--steps 3 --warmup 1 cluster.device=cuda cluster.nproc_per_node=1 data.packing=true" ;;
     1b-sdpa)         echo "$ONE_B $CHAT_ALL train.micro_batch_size=2 model.loss_chunks=8" ;;
     1b-flex)         echo "$ONE_B $CHAT_ALL train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;
     1b-flex-mb4)     echo "$ONE_B $CHAT_ALL train.micro_batch_size=4 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;

@@ -111,6 +111,7 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
     if cfg.cluster.device == "cuda" and not has_cuda:
         problems.append("cluster.device=cuda but no CUDA GPU is visible on this machine; use cluster.device=auto")
     if on_gpu:
+        _check_gpu_count(cfg, problems)
         return
     if cfg.peft.quantize_4bit:
         problems.append("peft.quantize_4bit=true (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has "
@@ -127,6 +128,16 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
         problems.append("deepspeed.precision=fp16 is not supported on CPU; use fp32 or bf16")
     if cfg.optim.name == "fused_adam":
         problems.append("optim.name=fused_adam needs a CUDA GPU; use optim.name=adamw on CPU")
+
+
+def _check_gpu_count(cfg: RootConfig, problems: List[str]) -> None:
+    """cluster=local puts one rank on each GPU of this machine: no more ranks than GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.cluster.backend == "local" and gpus and cfg.cluster.nproc_per_node > gpus:
+        problems.append(f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has {gpus} visible "
+                        f"GPU(s) and each rank takes one: set cluster.nproc_per_node={gpus} (or fewer)")
 
 
 def _check_files(cfg: RootConfig, problems: List[str]) -> None:
