@@ -38,6 +38,7 @@ case_args() {
     1b-flex)         echo "$ONE_B $CHAT_ALL train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;
     1b-flex-mb4)     echo "$ONE_B $CHAT_ALL train.micro_batch_size=4 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;
     1b-flex-compile) echo "$ONE_B $CHAT_ALL train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention model.compile=true" ;;
+    1b-flex-nodet)   echo "$ONE_B $CHAT_ALL train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention train.deterministic=false" ;;
     1b-zero0-flex)   echo "$ONE_B $CHAT_ALL deepspeed=zero0 train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;
     1b-vs-hf-chat)   echo "--vs hf $ONE_B $CHAT train.micro_batch_size=2 model.loss_chunks=8 model.attn_implementation=flex_attention" ;;
     1b-vs-hf-fixed)  echo "--vs hf $ONE_B $FIXED train.micro_batch_size=2" ;;
@@ -51,6 +52,7 @@ case_args() {
 for name in "$@"; do
   args=$(case_args "$name") || { echo "unknown case: $name" | tee -a "$RESULTS/bench.log"; continue; }
   steps="--steps $STEPS --warmup $WARMUP"
+  [ -n "${PROFILE:-}" ] && args="$args train.profile_steps=$PROFILE"  # torch.profiler over the last steps
   case "$args" in --steps*) steps="" ;; esac
   echo "=== $name: shardtune bench $steps $args" | tee -a "$RESULTS/bench.log"
   started=$(date +%s)
@@ -61,6 +63,9 @@ for name in "$@"; do
   if [ -f "$WORK/runs/$name/bench.json" ]; then
     $PY -c "import json,sys; d=json.load(open(sys.argv[1])); d['case']=sys.argv[2]; print(json.dumps(d))" \
       "$WORK/runs/$name/bench.json" "$name" >> "$RESULTS/bench.jsonl"
+    for table in "$WORK/runs/$name"/ours-0/profile/rank0.txt; do
+      [ -f "$table" ] && { echo "=== $name"; cat "$table"; } >> "$RESULTS/profiles.txt"
+    done
   else  # the first rank log says why
     tail -n 60 "$WORK/runs/$name"/ours-0/logs/*.log 2>/dev/null | tail -n 60 >> "$RESULTS/bench.log"
   fi

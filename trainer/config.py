@@ -119,6 +119,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
     deterministic: bool = True
     timing: bool = False  # per-phase step timing + peak memory per rank in <run.dir>/timing/ (shardtune bench)
+    profile_steps: int = 0  # > 0: torch.profiler over the last N steps, tables in <run.dir>/profile/
     fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: see trainer/faults.py
 
 

@@ -24,6 +24,7 @@ from trainer.data.render import IGNORE
 from trainer.loss import sum_cross_entropy
 from trainer.faults import Faults
 from trainer.distributed import DistInfo, sum_across_ranks
+from trainer.profiling import StepProfiler
 from trainer.timing import lap
 
 
@@ -186,9 +187,12 @@ def train(ctx: TrainContext, state: LoopState) -> int:
     if state.step == 0 and cfg.eval.baseline:
         evaluator(ctx, 0)
     last_saved = state.step
+    profiler = StepProfiler(cfg.train.profile_steps, cfg.train.max_steps, ctx.run_dir, ctx.info.rank, ctx.info.device)
     while state.step < cfg.train.max_steps:
         lr = ctx.engine.get_lr()[0]
+        profiler.before_step(state.step)
         result = train_step(ctx, state.step)
+        profiler.after_step(state.step)
         state.step += 1
         state.tokens_seen += result["tokens"]
         if result["nonfinite"]:

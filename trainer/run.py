@@ -29,6 +29,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # On by default with the above: every torch.empty is filled with NaN to catch reads of
+        # uninitialised memory. That is a write of every new buffer, a cost on GPU, and changes no result.
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def load_ds_config(run_dir: Path, cfg: RootConfig, info: DistInfo) -> dict:
