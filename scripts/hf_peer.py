@@ -63,6 +63,10 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
         gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = build_tokenizer(cfg.model)
     cfg.data.packing = False  # HF Trainer's usual setup: one document per row, padded per batch
+    if cfg.model.attn_implementation == "flex_attention":
+        # HF's flex path on padded batches of changing lengths failed in inductor on an H100
+        # (NoValidChoicesError); sdpa is what HF Trainer users run by default.
+        cfg.model.attn_implementation = "sdpa"
     train_set, _ = build_datasets(cfg.data, tokenizer)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
     model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu), cfg.seed, device)
