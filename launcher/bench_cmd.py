@@ -211,15 +211,26 @@ def build_report(rounds: List[dict], args, world: int, threads: int) -> dict:
     return report
 
 
+def _peak_memory_text(peaks: dict) -> str:
+    """The largest per-rank peaks: GPU allocated / reserved when on a GPU, resident set size always."""
+    def most(key: str) -> float:
+        return max(m.get(key, 0) for m in peaks.values()) / 2 ** 30
+
+    rss = f"peak RSS {most('peak_rss_bytes'):.2f} GiB/rank"
+    if any("peak_allocated_bytes" in m for m in peaks.values()):
+        return (f"peak GPU {most('peak_allocated_bytes'):.2f} GiB allocated / {most('peak_reserved_bytes'):.2f} "
+                f"reserved per rank, {rss}")
+    return rss
+
+
 def render(report: dict) -> str:
     lines = []
     for side in ("ours", "hf"):
         for i, r in enumerate(report.get(side, [])):
-            mem = max(m["peak_rss_bytes"] for m in r["peak_memory"].values()) / 2 ** 30
             mfu = f"{100 * r['mfu']:.2f}%" if r["mfu"] is not None else "n/a"
             lines.append(f"{side:>4} round {i}: median step {r['median_step_time_s']:.3f}s, "
                          f"{r['trained_tokens_per_s']:.0f} trained tok/s ({r['input_tokens_per_s']:.0f} input tok/s), "
-                         f"MFU {mfu}, peak RSS {mem:.2f} GiB/rank")
+                         f"MFU {mfu}, {_peak_memory_text(r['peak_memory'])}")
             if r["breakdown_median_s"]:
                 lines.append("      breakdown (median s): " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r["breakdown_median_s"].items()))

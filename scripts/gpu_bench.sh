@@ -55,6 +55,7 @@ for name in "$@"; do
   [ -n "${PROFILE:-}" ] && args="$args train.profile_steps=$PROFILE"  # torch.profiler over the last steps
   case "$args" in --steps*) steps="" ;; esac
   echo "=== $name: shardtune bench $steps $args" | tee -a "$RESULTS/bench.log"
+  rm -rf "${WORK:?}/runs/$name"  # a case that fails must not report an earlier run's bench.json
   started=$(date +%s)
   # shellcheck disable=SC2086 # the overrides are meant to split
   timeout "$LIMIT_S" $PY -m launcher.cli bench $steps $args run.dir="$WORK/runs/$name" >> "$RESULTS/bench.log" 2>&1
