@@ -86,6 +86,7 @@ def test_models_that_transform_their_logits_are_refused(tmp_path):
     AutoConfig.for_model("gemma2").save_pretrained(tmp_path)
     cfg = RootConfig()
     cfg.model.name_or_path, cfg.model.loss_chunks, cfg.run.dir, cfg.run.name = str(tmp_path), 4, "/tmp/x", "x"
+    cfg.model.random_init = True  # the folder holds a config.json only
     cfg.data.train_files = [str(REPO / "samples/chat/train.jsonl")]
     with pytest.raises(ConfigError, match="model.loss_chunks=4: this gemma2 applies final_logit_softcapping"):
         validate(cfg, has_cuda=False)
