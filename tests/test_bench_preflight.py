@@ -125,6 +125,18 @@ def test_verdict_fits_and_suggests_a_remedy():
     assert text.startswith("will not fit") and "deepspeed=zero3" in text
 
 
+def test_one_gpu_lora_verdict_drops_the_dropout_not_zero3():
+    """The 8B LoRA run that ran out of memory on one H100 (micro-batch 2 x 4096): preflight must say
+    so, and name a remedy that helps on one rank (ZeRO-3 partitions nothing there)."""
+    s = Setup(world=1, stage=1, precision="bf16", micro_batch=2, seq_len=4096, on_gpu=True, loss_chunks=8,
+              trainable=41_943_040, lora_dropout_values=32 * (6 * 4096 + 14336))
+    big = ModelShape(params=8_030_261_248, embedding_params=525_336_576, tied_embeddings=False, layers=32,
+                     heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=14336, vocab=128256,
+                     largest_layer_params=525_336_576)
+    text = verdict(big, s, estimate(big, s), int(79.2 * GB), "H100", 1)
+    assert text.startswith("will not fit") and "try peft.dropout=0" in text and "zero3" not in text, text
+
+
 def test_preflight_command_prints_table_and_verdict():
     proc = shardtune("preflight", "deepspeed.reduce_bucket_size=1000000", "--json", check=True)
     facts = json.loads(proc.stdout[proc.stdout.index("{"):])

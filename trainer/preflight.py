@@ -286,8 +286,12 @@ def _mem_available() -> int:
 
 
 REMEDIES = [  # (what to tell the user, how it changes the setup); tried in order
-    ("deepspeed=zero3", lambda s: replace(s, stage=3) if s.stage < 3 else None),
+    # On one rank ZeRO-3 has nothing to partition.
+    ("deepspeed=zero3", lambda s: replace(s, stage=3) if s.stage < 3 and s.world > 1 else None),
     ("model.loss_chunks=8", lambda s: replace(s, loss_chunks=8) if s.loss_chunks < 8 else None),
+    # LoRA's dropout keeps a dropped copy of every adapted layer's input: 14 GiB of a 53 GiB 8B run
+    # on one H100 (4096 tokens); without it the step is also faster (fewer element-wise kernels).
+    ("peft.dropout=0", lambda s: replace(s, lora_dropout_values=0) if s.lora_dropout_values else None),
     ("model.activation_checkpointing=full", lambda s: replace(s, checkpointing="full") if s.checkpointing != "full" else None),
     ("train.micro_batch_size={mbs}", lambda s: replace(s, micro_batch=s.micro_batch // 2) if s.micro_batch > 1 else None),
     ("deepspeed=zero3_offload", lambda s: replace(s, stage=3, offload_optimizer=True, offload_param=True)
