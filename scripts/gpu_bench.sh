@@ -64,8 +64,7 @@ for name in "$@"; do
   if [ -f "$WORK/runs/$name/bench.json" ]; then
     $PY -c "import json,sys; d=json.load(open(sys.argv[1])); d['case']=sys.argv[2]; print(json.dumps(d))" \
       "$WORK/runs/$name/bench.json" "$name" >> "$RESULTS/bench.jsonl"
-    for table in "$WORK/runs/$name"/ours-0/profile/rank0.txt; do
-      [ -f "$table" ] && { echo "=== $name"; cat "$table"; } >> "$RESULTS/profiles.txt"
-    done
+    table="$WORK/runs/$name/ours-0/profile/rank0.txt"
+    if [ -f "$table" ]; then { echo "=== $name"; cat "$table"; } >> "$RESULTS/profiles.txt"; fi
   fi  # (a failed case: bench.log has the end of its output)
 done

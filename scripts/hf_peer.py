@@ -68,8 +68,7 @@ def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
         # (NoValidChoicesError); sdpa is what HF Trainer users run by default.
         cfg.model.attn_implementation = "sdpa"
     train_set, _ = build_datasets(cfg.data, tokenizer)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
-    model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu), cfg.seed, device)
+    model = _create(cfg.model, source, resolve_dtype(cfg.model, on_gpu), cfg.seed, timer.device)
     model.config.use_cache = False
     if cfg.peft.method != "none":  # the same peft method and settings, through peft.get_peft_model
         from trainer.peft_methods import apply_peft

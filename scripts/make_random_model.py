@@ -15,7 +15,11 @@ import shutil
 import sys
 from pathlib import Path
 
-BUILTIN_TOKENIZER = Path(__file__).resolve().parent.parent / "trainer" / "builtin" / "small-llama"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.model import BUILTIN_DIR  # noqa: E402
+
+BUILTIN_TOKENIZER = BUILTIN_DIR / "small-llama"
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "rms_norm_eps": 1e-05, "initializer_range": 0.02, "vocab_size": 128256, "rope_theta": 500000.0,
