@@ -80,6 +80,8 @@ def summarize(folder: Path, warmup: int, flops_token_fn, peak_total: Optional[fl
         "flops_per_token": flops_token,
         "mfu": (inputs / total_time * flops_token / peak_total) if peak_total else None,
         "breakdown_median_s": breakdown or None,
+        # torch.compile work inside the timed steps (model.compile=true): their times include it
+        "compiled_frames_timed": sum(s.get("compiled_frames", 0) for t in timed for s in t[:n]),
         "peak_memory": {f"rank{r['rank']}": r["memory"] for r in ranks},
     }
     return result
@@ -234,6 +236,9 @@ def render(report: dict) -> str:
             if r["breakdown_median_s"]:
                 lines.append("      breakdown (median s): " + ", ".join(
                     f"{k} {v:.3f}" for k, v in r["breakdown_median_s"].items()))
+            if r.get("compiled_frames_timed"):
+                lines.append(f"      torch.compile compiled {r['compiled_frames_timed']} frame(s) during the timed "
+                             "steps (their times include it): more warm-up, or fixed shapes (data.pad_to)")
     pre = report["preflight"]
     lines.append(f"preflight estimate {pre['predicted_bytes_per_rank'] / 2 ** 30:.3f} GiB/rank vs measured "
                  f"{pre['measured']} {pre['measured_peak_bytes_per_rank'] / 2 ** 30:.3f} GiB: "

@@ -191,8 +191,35 @@ def test_speed_switch_trains(tmp_path, switch):
     assert all(r["loss"] is not None and 0 < r["loss"] < 20 for r in records)
 
 
+@pytest.mark.distributed
+def test_compile_trains_the_same_losses_and_compiles_once(tmp_path):
+    """model.compile=true on CPU (inductor's C++ backend), ZeRO-2, packed rows of varying lengths:
+    the same loss curve as eager, and nothing compiled after the first step (data.pad_to=auto
+    pads every batch to max_seq_len under compile, and the engine's hooks stay outside the graph)."""
+    common = ["deepspeed=zero2", "data.packing=true", "train.max_steps=4", "deepspeed.reduce_bucket_size=1000000"]
+    eager = train(tmp_path / "eager", *common, check=True)
+    compiled = train(tmp_path / "compiled", *common, "model.compile=true", check=True)
+    eager_losses = [r["loss"] for r in metrics(tmp_path / "eager")]
+    compiled_losses = [r["loss"] for r in metrics(tmp_path / "compiled")]
+    assert len(compiled_losses) == 4 and compiled_losses == pytest.approx(eager_losses, abs=1e-4)
+    assert "torch.compile compiled" not in compiled.stdout, compiled.stdout[-3000:]
+    assert "torch.compile compiled" not in eager.stdout
+
+
+def test_compile_with_zero3_is_refused_before_spawn():
+    from trainer.config import ConfigError, RootConfig
+    from trainer.validate import validate
+
+    cfg = RootConfig()
+    cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
+    cfg.model.compile, cfg.deepspeed.stage = True, 3
+    with pytest.raises(ConfigError, match="deepspeed=zero1 or zero2 with compile"):
+        validate(cfg, has_cuda=False, check_files=False)
+    cfg.deepspeed.stage = 2
+    validate(cfg, has_cuda=False, check_files=False)
+
+
 @pytest.mark.parametrize("key, value, message", [
-    ("compile", True, "model.compile=true is supported on a CUDA GPU only"),
     ("attn_implementation", "flex_attention", "FlexAttention has no backward on CPU"),
     ("attn_implementation", "flash_attention_2", "flash_attention_2 needs a CUDA GPU")])
 def test_switches_the_cpu_cannot_run_are_rejected_clearly(key, value, message):

@@ -103,3 +103,20 @@ def test_combinations_that_would_leak_are_refused():
     assert "needs a CUDA GPU" in packing_problems("flash_attention_2", "none", on_gpu=False)[0]
     assert "prefix_tuning" in packing_problems("sdpa", "prefix_tuning", on_gpu=False)[0]
     assert packing_problems("flash_attention_2", "none", on_gpu=True) == []
+
+
+def test_collate_pads_to_a_fixed_width_as_one_more_document():
+    from trainer.data.collate import row_width
+
+    packed_rows = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 0]},
+                   {"input_ids": [8], "labels": [8], "position_ids": [0]}]
+    batch = collate(packed_rows, pad_id=1, width=6)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 1, 1, 1], [8, 1, 1, 1, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 0, 1, 2], [0, 0, 1, 2, 3, 4]]
+    assert (batch["labels"][:, 3:] == IGNORE).all() and batch["labels"][1, 1:].eq(IGNORE).all()
+    plain = collate([{"input_ids": [5, 6], "labels": [5, 6]}], pad_id=1, width=4)
+    assert plain["attention_mask"].tolist() == [[1, 1, 0, 0]] and "position_ids" not in plain
+    assert collate(packed_rows, pad_id=1)["input_ids"].shape == (2, 3)  # no width: the longest row
+    # data.pad_to: a fixed width for compile (auto) or when asked, else each batch's longest row
+    assert row_width("auto", 512, compiled=True) == 512 and row_width("auto", 512, compiled=False) is None
+    assert row_width("max_seq_len", 512, compiled=False) == 512 and row_width("longest", 512, compiled=True) is None

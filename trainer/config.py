@@ -55,6 +55,9 @@ class DataConfig:
     max_seq_len: int = 512
     length_policy: str = "truncate"  # truncate | drop
     packing: bool = False  # several documents per row, per-document position ids, no cross-attention
+    # width of a micro-batch's rows: longest (its own longest row) | max_seq_len (every batch one
+    # shape: what torch.compile needs to compile once) | auto (max_seq_len with model.compile, else longest)
+    pad_to: str = "auto"
     on_error: str = "strict"  # strict (stop at the first bad record, file:line) | skip (count by reason)
     num_proc: int = 1  # tokenizer worker processes
     cache_dir: Optional[str] = None  # default: $SHARDTUNE_DATA_CACHE or ~/.cache/shardtune/data

@@ -22,6 +22,7 @@ import torch
 
 from trainer.config import RootConfig
 from trainer.data.dataset import TokenizedDataset, load_files
+from trainer.speed import eager_when_compiled
 
 
 def load_prompts(cfg: RootConfig) -> List[str]:
@@ -92,12 +93,13 @@ def generate(ctx, prompts: List[str], style: str) -> List[str]:
     completions = []
     for prompt in prompts:
         input_ids = torch.tensor([encode_prompt(tokenizer, prompt, style)], device=info.device)
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                max_new_tokens=ctx.cfg.eval.max_new_tokens, do_sample=False,
-                                # use_cache: training turns the config's cache off, but generation wants
-                                # it (and peft prefix tuning fails without it)
-                                synced_gpus=synced, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+        with eager_when_compiled(ctx.cfg.model.compile):
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    max_new_tokens=ctx.cfg.eval.max_new_tokens, do_sample=False,
+                                    # use_cache: training turns the config's cache off, but generation
+                                    # wants it (and peft prefix tuning fails without it)
+                                    synced_gpus=synced, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id)
         new_tokens = output[0, input_ids.shape[1]:]
         # Kept verbatim (whitespace too): an untrained model often emits only newlines, and the
         # report should show that rather than an empty cell.

@@ -20,11 +20,13 @@ from trainer import checkpoint
 from trainer.config import RootConfig
 from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
 from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
+from trainer.data.collate import row_width
 from trainer.data.render import IGNORE
 from trainer.loss import sum_cross_entropy
 from trainer.faults import Faults
 from trainer.distributed import DistInfo, sum_across_ranks
 from trainer.profiling import StepProfiler
+from trainer.speed import compiled_frames
 from trainer.timing import lap
 
 
@@ -69,6 +71,12 @@ def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _collate(ctx: "TrainContext", samples) -> Dict[str, torch.Tensor]:
+    data = ctx.cfg.data
+    width = row_width(data.pad_to, data.max_seq_len, ctx.cfg.model.compile)
+    return _to_device(collate(samples, ctx.tokenizer.pad_token_id, width), ctx.info.device)
+
+
 def _set_lr_to_zero(engine) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = 0.0
@@ -77,16 +85,15 @@ def _set_lr_to_zero(engine) -> None:
 def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     """One optimizer step over grad_accum micro-batches; returns what was measured."""
     cfg, info, engine = ctx.cfg, ctx.info, ctx.engine
-    started = time.perf_counter()
+    started, frames_before = time.perf_counter(), compiled_frames()
     global_tokens = sum(ctx.train_set.label_tokens(i) for i in ctx.sampler.global_indices(step))
     scale = info.world_size * cfg.train.grad_accum / global_tokens  # undo DeepSpeed's mean over ranks and accum
-    pad_id = ctx.tokenizer.pad_token_id
     local_sum, local_nonfinite = 0.0, False
     micro_batches = ctx.sampler.micro_batches(step)
     faults = Faults(cfg.train.fault_injection, info.rank)
     faults.maybe_pause(step + 1, ctx.heartbeat)
     for accum, indices in enumerate(micro_batches):
-        batch = _to_device(collate([ctx.train_set[i] for i in indices], pad_id), info.device)
+        batch = _collate(ctx, [ctx.train_set[i] for i in indices])
         lap(ctx.timer, "data", batch)
         ctx.heartbeat.beat(step, "forward")
         sum_ce = sum_cross_entropy(engine, batch, cfg.model.loss_chunks) * faults.loss_factor(step + 1)
@@ -117,7 +124,8 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         # so every rank skipped the update at this same step; count it like a non-finite loss.
         nonfinite_any = True
     result = {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
-              "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started}
+              "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started,
+              "compiled_frames": compiled_frames() - frames_before}
     if ctx.timer is not None:
         ctx.timer.step_end(step, result)
     return result
@@ -140,7 +148,7 @@ def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, flo
     for b in range(n_batches):
         ctx.heartbeat.touch()  # a long eval is not a hang
         indices = shard[b * mbs:(b + 1) * mbs]
-        batch = _to_device(collate([dataset[i] for i in (indices or [0])], ctx.tokenizer.pad_token_id), info.device)
+        batch = _collate(ctx, [dataset[i] for i in (indices or [0])])
         sum_ce = sum_cross_entropy(ctx.engine, batch, ctx.cfg.model.loss_chunks)
         if indices:
             local_sum += sum_ce.item()
@@ -177,6 +185,14 @@ def _train_record(state: LoopState, result: Dict[str, Any], lr: float) -> Dict[s
             "skipped": result["nonfinite"], "time": time.time()}
 
 
+def _report_recompile(ctx: TrainContext, step: int, result: Dict[str, Any]) -> None:
+    """torch.compile compiling again after the first step is time lost each time: say so."""
+    if ctx.cfg.model.compile and step > 1 and result["compiled_frames"]:
+        ctx.log(f"step {step}: torch.compile compiled {result['compiled_frames']} more frame(s) in this step "
+                f"({compiled_frames()} so far); a new input shape or a graph break that varies. Fixed shapes: "
+                "data.pad_to=max_seq_len")
+
+
 def train(ctx: TrainContext, state: LoopState) -> int:
     """Run until max_steps or a stop request; return the process exit code."""
     cfg = ctx.cfg
@@ -206,6 +222,7 @@ def train(ctx: TrainContext, state: LoopState) -> int:
                 return EXIT_NONFINITE
         else:
             state.nonfinite_streak = 0
+        _report_recompile(ctx, state.step, result)
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             ctx.sinks.log(_train_record(state, result, lr))
         if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:

@@ -8,10 +8,14 @@ activation_checkpointing:
                torch's selective activation checkpointing with a save-the-matmuls policy.
 compile:
     torch.compile of the model's forward, in place (parameter names unchanged), before DeepSpeed
-    wraps it.
+    wraps it. It compiles again for every new input shape (the first time with dynamic shapes),
+    so data.pad_to=auto pads every batch to max_seq_len under compile. The loop reports any step
+    after the first that compiled new code. Generation runs eagerly: its ever-growing cache would
+    recompile at each new length.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -52,5 +56,21 @@ def apply_speed_switches(model, activation_checkpointing: str, compile_model: bo
             # With frozen embeddings (LoRA) the checkpointed layers' inputs need grad for backward to reach them.
             model.enable_input_require_grads()
     if compile_model:
-        model.compile()
+        # The forward only, not the module call: DeepSpeed's engine adds hooks around the call, which
+        # dynamo would otherwise trace (and re-trace) as frames of their own.
+        model.forward = torch.compile(model.forward)
     return model
+
+
+def compiled_frames() -> int:
+    """How many Python frames torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def eager_when_compiled(compiled: bool):
+    """A context that runs a compiled model eagerly (for generation), or a no-op."""
+    if compiled and hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()

@@ -83,7 +83,7 @@ class PhaseTimer:
         now = time.perf_counter()
         self.steps.append({"step": step, "seconds": now - self.last_end, "local_trained_tokens": self.trained_tokens,
                            "local_input_tokens": self.input_tokens, "local_square_lengths": self.square_lengths,
-                           "phases": dict(self.current)})
+                           "phases": dict(self.current), "compiled_frames": result.get("compiled_frames", 0)})
         self.current.clear()
         self.input_tokens, self.trained_tokens, self.square_lengths = 0, 0, 0.0
         # Peaks as of the last training step: the final evaluation, generations and export come after
