@@ -3,6 +3,7 @@ switches end to end on 2 CPU ranks."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -122,7 +123,9 @@ def test_verdict_fits_and_suggests_a_remedy():
     est = estimate(big, s)
     assert verdict(big, s, est, 10 ** 15, "H100", 8).startswith("fits on 8 x H100 with")
     text = verdict(big, s, est, 80 * GB, "H100", 8)
-    assert text.startswith("will not fit") and "deepspeed=zero3" in text
+    assert text.startswith("will not fit") and "deepspeed=zero3" in text and "compile" not in text
+    compiled = replace(s, compiled=True)  # ZeRO-3 refuses compile: the remedy must turn it off too
+    assert "deepspeed=zero3 model.compile=false" in verdict(big, compiled, est, 80 * GB, "H100", 8)
 
 
 def test_one_gpu_lora_verdict_drops_the_dropout_not_zero3():

@@ -64,6 +64,7 @@ class Setup:
     # LoRA with dropout > 0: values per token (all layers) of the dropped inputs its adapters keep
     lora_dropout_values: int = 0
     loss_chunks: int = 1  # model.loss_chunks: the head and loss over 1/N of the tokens at a time
+    compiled: bool = False  # model.compile: ZeRO-3 remedies must turn it off (validation refuses both)
 
 
 @dataclass
@@ -258,7 +259,7 @@ def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape:
                  seq_len=cfg.data.max_seq_len, trainable=None if trainable == shape.params else trainable,
                  offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                  checkpointing=cfg.model.activation_checkpointing, attn=cfg.model.attn_implementation,
-                 loss_chunks=cfg.model.loss_chunks,
+                 loss_chunks=cfg.model.loss_chunks, compiled=cfg.model.compile,
                  on_gpu=on_gpu, persistent_params=persistent if ds.stage == 3 else 0,
                  reduce_bucket=zero.get("reduce_bucket_size", DS_REDUCE_BUCKET),
                  prefetch_bucket=zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))
@@ -287,14 +288,14 @@ def _mem_available() -> int:
 
 REMEDIES = [  # (what to tell the user, how it changes the setup); tried in order
     # On one rank ZeRO-3 has nothing to partition.
-    ("deepspeed=zero3", lambda s: replace(s, stage=3) if s.stage < 3 and s.world > 1 else None),
+    ("deepspeed=zero3{no_compile}", lambda s: replace(s, stage=3) if s.stage < 3 and s.world > 1 else None),
     ("model.loss_chunks=8", lambda s: replace(s, loss_chunks=8) if s.loss_chunks < 8 else None),
     # LoRA's dropout keeps a dropped copy of every adapted layer's input: 14 GiB of a 53 GiB 8B run
     # on one H100 (4096 tokens); without it the step is also faster (fewer element-wise kernels).
     ("peft.dropout=0", lambda s: replace(s, lora_dropout_values=0) if s.lora_dropout_values else None),
     ("model.activation_checkpointing=full", lambda s: replace(s, checkpointing="full") if s.checkpointing != "full" else None),
     ("train.micro_batch_size={mbs}", lambda s: replace(s, micro_batch=s.micro_batch // 2) if s.micro_batch > 1 else None),
-    ("deepspeed=zero3_offload", lambda s: replace(s, stage=3, offload_optimizer=True, offload_param=True)
+    ("deepspeed=zero3_offload{no_compile}", lambda s: replace(s, stage=3, offload_optimizer=True, offload_param=True)
         if s.on_gpu and not s.offload_param else None),
 ]
 
@@ -309,7 +310,7 @@ def verdict(shape: ModelShape, s: Setup, est: Estimate, capacity: int, where: st
         if changed is None:
             continue
         current = changed
-        tried.append(text.format(mbs=current.micro_batch))
+        tried.append(text.format(mbs=current.micro_batch, no_compile=" model.compile=false" if s.compiled else ""))
         if estimate(shape, current).rank_total(s.on_gpu) <= capacity:
             return (f"will not fit: needs {need / GB:.1f} GB per rank, {capacity / GB:.1f} GB available; "
                     f"try {' '.join(tried)}")
