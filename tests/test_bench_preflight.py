@@ -196,12 +196,13 @@ def test_speed_switch_trains(tmp_path, switch):
 
 @pytest.mark.distributed
 def test_compile_trains_the_same_losses_and_compiles_once(tmp_path):
-    """model.compile=true on CPU (inductor's C++ backend), ZeRO-2, packed rows of varying lengths:
-    the same loss curve as eager, and nothing compiled after the first step (data.pad_to=auto
-    pads every batch to max_seq_len under compile, and the engine's hooks stay outside the graph)."""
+    """model.compile=true on CPU (inductor's C++ backend), ZeRO-2, packed rows of varying lengths,
+    with the chunked loss (its label count varies per batch): the same loss curve as eager, and
+    nothing compiled after the first step (data.pad_to=auto pads every batch to max_seq_len under
+    compile, the engine's hooks stay outside the graph, the chunked loss runs eagerly)."""
     common = ["deepspeed=zero2", "data.packing=true", "train.max_steps=4", "deepspeed.reduce_bucket_size=1000000"]
     eager = train(tmp_path / "eager", *common, check=True)
-    compiled = train(tmp_path / "compiled", *common, "model.compile=true", check=True)
+    compiled = train(tmp_path / "compiled", *common, "model.compile=true", "model.loss_chunks=4", check=True)
     eager_losses = [r["loss"] for r in metrics(tmp_path / "eager")]
     compiled_losses = [r["loss"] for r in metrics(tmp_path / "compiled")]
     assert len(compiled_losses) == 4 and compiled_losses == pytest.approx(eager_losses, abs=1e-4)

@@ -68,6 +68,9 @@ class _head_computes_the_loss:
     def __init__(self, head: torch.nn.Module, targets: torch.Tensor, keep: torch.Tensor, chunks: int):
         self.head, self.targets, self.keep, self.chunks = head, targets, keep, chunks
 
+    # Eager under model.compile: the number of label tokens changes every batch, and the chunk sizes
+    # it splits into would recompile the graph at every new count.
+    @torch.compiler.disable
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.shape[:-1].numel() != self.keep.numel():
             raise ValueError(f"model.loss_chunks > 1: the output head saw {hidden.shape[:-1].numel()} positions for "
