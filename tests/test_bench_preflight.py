@@ -210,6 +210,21 @@ def test_compile_trains_the_same_losses_and_compiles_once(tmp_path):
     assert "torch.compile compiled" not in eager.stdout
 
 
+def test_a_recompile_after_the_first_step_is_reported_with_its_likely_cause():
+    from types import SimpleNamespace as NS
+
+    from trainer.loop import _report_recompile
+
+    for pad_to, cause in (("longest", "data.pad_to=max_seq_len"), ("auto", "a graph break that varies")):
+        said = []
+        ctx = NS(cfg=NS(model=NS(compile=True), data=NS(pad_to=pad_to, max_seq_len=128)), log=said.append)
+        _report_recompile(ctx, 1, {"compiled_frames": 5})  # the first step compiles: not news
+        _report_recompile(ctx, 3, {"compiled_frames": 0})
+        assert said == []
+        _report_recompile(ctx, 3, {"compiled_frames": 2})
+        assert len(said) == 1 and "step 3: torch.compile compiled 2 more frame(s)" in said[0] and cause in said[0]
+
+
 def test_compile_with_zero3_is_refused_before_spawn():
     from trainer.config import ConfigError, RootConfig
     from trainer.validate import validate

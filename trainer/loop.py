@@ -188,9 +188,11 @@ def _train_record(state: LoopState, result: Dict[str, Any], lr: float) -> Dict[s
 def _report_recompile(ctx: TrainContext, step: int, result: Dict[str, Any]) -> None:
     """torch.compile compiling again after the first step is time lost each time: say so."""
     if ctx.cfg.model.compile and step > 1 and result["compiled_frames"]:
+        fixed = row_width(ctx.cfg.data.pad_to, ctx.cfg.data.max_seq_len, compiled=True) is not None
+        hint = ("a graph break that varies from batch to batch (TORCH_LOGS=recompiles names the guard)" if fixed
+                else "a new row width: data.pad_to=max_seq_len gives every batch one shape")
         ctx.log(f"step {step}: torch.compile compiled {result['compiled_frames']} more frame(s) in this step "
-                f"({compiled_frames()} so far); a new input shape or a graph break that varies. Fixed shapes: "
-                "data.pad_to=max_seq_len")
+                f"({compiled_frames()} so far): {hint}")
 
 
 def train(ctx: TrainContext, state: LoopState) -> int:
