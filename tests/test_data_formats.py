@@ -90,6 +90,37 @@ def test_format_override_and_a_leading_bom(tok, tmp_path):
     assert trained_text(tok, ds[0]) == "2 + 3 = 5.<|im_end|>\n"
 
 
+@pytest.mark.parametrize("source,suffix", [("messages.jsonl", ".gz"), ("sharegpt.json", ".bz2"),
+                                           ("prompt_completion.csv", ".xz")])
+def test_compressed_files_read_as_their_plain_text(tok, tmp_path, source, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    packed = tmp_path / (source + suffix)
+    with opener(packed, "wb") as out:
+        out.write(open(FIX + source, "rb").read())
+    plain, compressed = load(tok, tmp_path, [FIX + source]), load(tok, tmp_path, [str(packed)])
+    assert len(compressed) == len(plain) > 0
+    assert [compressed[i] for i in range(len(plain))] == [plain[i] for i in range(len(plain))]
+
+
+def test_a_truncated_archive_names_the_file_and_line(tok, tmp_path):
+    import gzip
+
+    from trainer.data.errors import DataError
+
+    whole = gzip.compress(b"".join(open(FIX + "text.jsonl", "rb").readlines() * 200))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:\d+: .*cut\.jsonl\.gz is truncated or corrupt"):
+        load(tok, tmp_path, [str(cut)])
+    (tmp_path / "x.parquet.gz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"unknown file type '\.parquet\.gz'.*\.gz, \.bz2, \.xz"):
+        load(tok, tmp_path, [str(tmp_path / "x.parquet.gz")])
+
+
 def test_glob_save_to_disk_and_eval_fraction(tok, tmp_path):
     import datasets
 

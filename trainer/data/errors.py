@@ -7,6 +7,7 @@ small fixed vocabulary; the message is for humans.
 REASONS = {
     "malformed_json": "a line that is not valid JSON",
     "invalid_utf8": "bytes that are not UTF-8",
+    "corrupt_archive": "a compressed file that is truncated or damaged",
     "bom": "a byte-order mark inside a file (files concatenated?)",
     "not_an_object": "a record that is not a JSON object",
     "missing_field": "a record without the fields of its format",

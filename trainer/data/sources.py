@@ -1,5 +1,5 @@
-"""Where records come from: files (JSONL, JSON, Parquet, CSV/TSV, globs), `save_to_disk` folders
-and hub datasets. Each source yields `(where, record)` with `where` naming the file and line (or
+"""Where records come from: files (JSONL, JSON, Parquet, CSV/TSV, globs; the text formats also
+compressed as .gz, .bz2 or .xz), `save_to_disk` folders and hub datasets. Each source yields `(where, record)` with `where` naming the file and line (or
 row), and a fingerprint of its content for the preparation cache.
 
 A bad line does not raise here: it is yielded as a DataError in place of the record, so the
@@ -7,11 +7,16 @@ caller decides (strict: stop; skip: count) and keeps the exact position.
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import glob
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Tuple
@@ -21,6 +26,10 @@ from trainer.data.errors import DataError
 HUB_PREFIX = "hf://"
 FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
               ".csv": "csv", ".tsv": "tsv"}
+# Compressed text files are read as a stream (line numbers stay those of the uncompressed text).
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# What a truncated or damaged compressed file raises part-way through.
+CORRUPT_ARCHIVE = (EOFError, OSError, zlib.error, lzma.LZMAError)
 BOM = "\ufeff"
 NEWLINE = b"\n"
 
@@ -58,12 +67,32 @@ def resolve(pattern: str) -> List[Source]:
         if os.path.isdir(item):
             raise DataError(item, "is a folder but not one written by datasets.save_to_disk "
                                   "(no state.json or dataset_dict.json); give a glob such as folder/*.jsonl")
-        kind = FILE_KINDS.get(Path(item).suffix.lower())
-        if kind is None:
-            raise DataError(item, f"unknown file type {Path(item).suffix!r}; valid: {', '.join(FILE_KINDS)}, "
-                                  "a save_to_disk folder or hf://owner/name[:split]")
-        sources.append(Source(kind, item))
+        sources.append(Source(file_kind(item), item))
     return sources
+
+
+def file_kind(path: str) -> str:
+    """jsonl, json, parquet, csv or tsv from the file's suffix (before .gz/.bz2/.xz), or DataError."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compressed = bool(suffixes) and suffixes[-1] in COMPRESSIONS
+    suffix = (suffixes[-2] if len(suffixes) > 1 else "") if compressed else (suffixes[-1] if suffixes else "")
+    kind = FILE_KINDS.get(suffix)
+    if kind is None or (compressed and kind == "parquet"):
+        raise DataError(path, f"unknown file type {''.join(Path(path).suffixes[-2:]) or '(no suffix)'!r}; valid: "
+                              f"{', '.join(FILE_KINDS)} (all but .parquet also as {', '.join(COMPRESSIONS)}), "
+                              "a save_to_disk folder or hf://owner/name[:split]")
+    return kind
+
+
+def _open_binary(path: str):
+    """The file's bytes, decompressed on the fly where its suffix says so."""
+    opener = COMPRESSIONS.get(Path(path).suffix.lower())
+    return opener(path, "rb") if opener else open(path, "rb")
+
+
+def _corrupt(path: str, where: str, err: Exception) -> DataError:
+    return DataError(where, f"{path} is truncated or corrupt ({type(err).__name__}: {err}); the rest of this "
+                            "file cannot be read: re-create or re-download it", "corrupt_archive")
 
 
 def fingerprint(source: Source) -> str:
@@ -107,8 +136,19 @@ def _decode(raw: bytes, where: str, first: bool):
 
 
 def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
-    with open(source.path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    number = 0
+    with _open_binary(source.path) as handle:
+        lines = iter(handle)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except CORRUPT_ARCHIVE as err:
+                where = f"{source.path}:{number + 1}"
+                yield where, _corrupt(source.path, where, err)
+                return
+            number += 1
             where = f"{source.path}:{number}"
             line = _decode(raw, where, first=number == 1)
             if isinstance(line, DataError):
@@ -124,7 +164,12 @@ def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
 
 def _read_json(source: Source) -> Iterator[Tuple[str, object]]:
     """A JSON array of objects (each record located by its line), or JSON lines named .json."""
-    raw = open(source.path, "rb").read()
+    try:
+        with _open_binary(source.path) as handle:
+            raw = handle.read()
+    except CORRUPT_ARCHIVE as err:
+        yield source.path, _corrupt(source.path, source.path, err)
+        return
     try:
         text = raw.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as err:
@@ -154,7 +199,7 @@ def _read_json(source: Source) -> Iterator[Tuple[str, object]]:
 
 
 def _read_csv(source: Source) -> Iterator[Tuple[str, object]]:
-    with open(source.path, newline="", encoding="utf-8-sig", errors="strict") as handle:
+    with io.TextIOWrapper(_open_binary(source.path), newline="", encoding="utf-8-sig", errors="strict") as handle:
         reader = csv.DictReader(handle, delimiter="\t" if source.kind == "tsv" else ",")
         try:
             for row in reader:
@@ -163,6 +208,9 @@ def _read_csv(source: Source) -> Iterator[Tuple[str, object]]:
             where = f"{source.path}:{reader.line_num + 1}"
             yield where, DataError(where, f"invalid UTF-8 ({err.reason}); re-encode the file as UTF-8 "
                                           "(the rest of this file cannot be read)", "invalid_utf8")
+        except CORRUPT_ARCHIVE as err:
+            where = f"{source.path}:{reader.line_num + 1}"
+            yield where, _corrupt(source.path, where, err)
 
 
 def _read_parquet(source: Source) -> Iterator[Tuple[str, object]]:
