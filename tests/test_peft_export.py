@@ -66,6 +66,32 @@ def test_lora_all_linear_skips_the_output_head():
     assert per_layer == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_lora_with_dropout_adapts_fused_moe_experts():
+    """transformers 5 keeps MoE experts as stacked 3-D parameters; peft adapts them with ParamWrapper,
+    which refuses any dropout. The default peft.dropout must still work: linear layers keep it."""
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.peft_methods import apply_peft
+
+    config = AutoConfig.for_model("mixtral", vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                  num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = apply_peft(AutoModelForCausalLM.from_config(config), PeftConfig(method="lora", r=4, dropout=0.1,
+                                                                            target_modules="all-linear"), "llama")
+    wrappers = [m for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    linears = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "lora_dropout")]
+    assert wrappers and linears  # the experts and the attention projections are both adapted
+    assert all(isinstance(m.lora_dropout["default"], nn.Dropout) and m.lora_dropout["default"].p == 0.1
+               for m in linears)
+    model.train()
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    expert_b = [p.grad for n, p in model.named_parameters() if "experts" in n and "lora_B" in n]
+    assert expert_b and all(g is not None and g.abs().sum() > 0 for g in expert_b)  # (lora_A's is 0 while B is)
+
+
 def test_qlora_on_cpu_is_a_clear_error_before_launch():
     cfg = RootConfig()
     cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
@@ -137,3 +163,33 @@ def test_offline_export_adapter_merge_and_sharded_full_model(tmp_path):
     assert len(list((tmp_path / "full").glob("model-*-of-*.safetensors"))) >= 2  # streamed into shards
     assert (tmp_path / "full" / "generation_config.json").is_file()
     assert load_and_compare(tmp_path / "full", full / "export_probe.pt")["max_diff"] < TOLERANCE
+
+
+def tiny_moe_folder(folder: Path) -> Path:
+    """A 2-layer Mixtral (experts fused as 3-D parameters in transformers 5) with the tiny tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("mixtral", vocab_size=2048, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                  num_local_experts=4, num_experts_per_tok=2, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for item in (REPO / "trainer/builtin/tiny-llama").glob("*token*"):
+        shutil.copy2(item, folder / item.name)
+    return folder
+
+
+@pytest.mark.distributed
+def test_moe_lora_with_dropout_trains_under_zero3_and_exports(tmp_path):
+    """A model family the project ships no config for: LoRA (default dropout) on a Mixtral-style MoE,
+    partitioned by ZeRO-3; the adapter covers the experts and reloads with plain peft."""
+    model = tiny_moe_folder(tmp_path / "moe")
+    run_dir = run_method(tmp_path, "lora", 3, "model=local", f"model.name_or_path={model}", "peft.dropout=0.05",
+                         "checkpoint.save_final=false")
+    facts = load_and_compare(run_dir / "export", run_dir / "export_probe.pt")
+    assert facts["max_diff"] < TOLERANCE, facts
+    experts = {k: n for k, n in facts["adapter_numels"].items() if "experts" in k}
+    assert experts and all(n > 0 for n in experts.values()), facts
+    assert facts["base_max_diff"] > 1e-6

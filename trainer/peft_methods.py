@@ -71,13 +71,48 @@ def _register_dora_base_weights(model) -> int:
     return count
 
 
+def has_fused_experts(model) -> bool:
+    """Whether `model` keeps MoE experts as stacked 3-D parameters (Mixtral, Qwen-MoE, ... in
+    transformers 5), which peft adapts with `lora.ParamWrapper` rather than as linear layers."""
+    # Under ZeRO-3 a parameter is an empty partition; ds_shape keeps its full shape.
+    return any(len(getattr(param, "ds_shape", param.shape)) >= 3 for param in model.parameters())
+
+
+def _restore_linear_dropout(model, dropout: float) -> int:
+    """Give every LoRA layer but peft's ParamWrappers dropout `dropout`; returns how many.
+
+    peft refuses any LoRA dropout on a model with fused experts (its ParamWrapper has none), so
+    the adapter is built without dropout and the linear layers (attention, dense MLPs) get the
+    configured dropout back here: the user's setting holds wherever peft can apply it.
+    """
+    from torch import nn
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and type(module).__name__ != "ParamWrapper":
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = nn.Dropout(p=dropout)
+                count += 1
+    return count
+
+
 def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
     """Wrap `model` with the configured peft method; only the method's parameters stay trainable."""
+    import dataclasses
+
     import peft
 
     if cfg.quantize_4bit:  # validate.py already stops this on CPU; say so rather than ignore it on GPU
         raise NotImplementedError("peft.quantize_4bit=true (QLoRA) is not implemented yet; use peft=lora")
-    model = peft.get_peft_model(model, peft_config(cfg, family))
+    split_dropout = cfg.method in ("lora", "dora") and cfg.dropout > 0 and has_fused_experts(model)
+    model = peft.get_peft_model(model, peft_config(dataclasses.replace(cfg, dropout=0.0) if split_dropout else cfg, family))
+    if split_dropout:
+        import warnings
+
+        restored = _restore_linear_dropout(model, cfg.dropout)
+        warnings.warn(f"peft.dropout={cfg.dropout} on {restored} linear LoRA layers; the fused MoE expert "
+                      "weights are adapted without dropout (peft supports none there)")
     if zero3 and cfg.method == "dora":
         _register_dora_base_weights(model)
     return model
