@@ -62,10 +62,12 @@ def manual_commands(run_dir: Path, nproc: int) -> List[str]:
 def exit_code(run_dir: Path, launcher_code: int) -> int:
     """The launcher's code, except that a clean stop is always reported as 'resume me'."""
     status = control_dir(run_dir) / "exit.json"
-    if status.exists():
+    try:
         recorded = json.loads(status.read_text())["code"]
-        if recorded == EXIT_RESUME_ME or launcher_code == 0:
-            return recorded
+    except (OSError, ValueError, KeyError, TypeError):  # none, or cut short by a full disk
+        return launcher_code
+    if recorded == EXIT_RESUME_ME or launcher_code == 0:
+        return recorded
     return launcher_code
 
 

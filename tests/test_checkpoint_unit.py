@@ -139,6 +139,45 @@ def test_rotation_keeps_newest_good_and_never_touches_other_folders(tmp_path):
     assert left == ["my-notes", "step-00000004", "step-00000006", "step-00000008", "step-00000010"]
 
 
+# ---------------------------------------------------------------- a full disk
+def test_disk_space_is_judged_by_the_last_checkpoint_and_rotation_can_make_room(tmp_path):
+    assert checkpoint.space_problem(tmp_path, "step-00000002", free_bytes=0) is None  # nothing to judge by yet
+    for step in (2, 4):
+        write_checkpoint(tmp_path, step)
+    size = checkpoint.committed_size(tmp_path / "step-00000004")
+    assert size == sum(p.stat().st_size for p in (tmp_path / "step-00000004").iterdir() if p.name != "MANIFEST.json")
+    assert checkpoint.space_problem(tmp_path, "step-00000006", free_bytes=2 * size) is None
+    problem = checkpoint.space_problem(tmp_path, "step-00000006", free_bytes=size // 2)
+    assert "not enough disk space for checkpoint step-00000006" in problem
+    assert "step-00000004 is intact" in problem and "checkpoint.keep_last=1" in problem
+
+    messages = []
+    assert not checkpoint.make_room(tmp_path, keep_last=0, log=messages.append)  # keep all: nothing to delete
+    assert checkpoint.make_room(tmp_path, keep_last=2, log=messages.append)
+    assert checkpoint.committed_tags(tmp_path) == ["step-00000004"]  # the newest always stays
+    assert "removed step-00000002 before saving" in messages[0]
+    assert not checkpoint.make_room(tmp_path, keep_last=1, log=messages.append)
+
+
+def test_uncommitted_saves_are_removed_and_nothing_else(tmp_path):
+    write_checkpoint(tmp_path, 2)
+    write_checkpoint(tmp_path, 4, commit=False)  # a save cut short
+    (tmp_path / "my-notes").mkdir()
+    messages = []
+    checkpoint.remove_uncommitted(tmp_path, log=messages.append)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["my-notes", "step-00000002"]
+    assert messages == ["removed step-00000004: an uncommitted checkpoint (a save that did not finish)"]
+
+
+def test_a_failed_write_says_the_disk_is_full_and_what_survives(tmp_path):
+    import errno
+
+    write_checkpoint(tmp_path, 2)
+    message = checkpoint.write_failure(tmp_path, "step-00000004", OSError(errno.ENOSPC, "No space left on device"))
+    assert message.startswith("the disk is full: writing checkpoint step-00000004")
+    assert "step-00000002 is intact and is what a rerun resumes from" in message
+
+
 # ---------------------------------------------------------------- safety of loading (T10) and of saving (T8)
 class Exploit:
     def __init__(self, marker: Path):

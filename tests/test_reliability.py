@@ -301,3 +301,57 @@ def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path):
     assert code == EXIT_HUNG and exit_s <= timeout_s + 10 and leftovers == []
     stuck = text[text.index("stuck: "):].splitlines()[0]
     assert "rank 1 " in stuck and "stopped" in stuck and "at step" in stuck, text[-3000:]
+
+
+# ---------------------------------------------------------------- a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a size the test sets (mount -o remount,size=...): a disk that really fills."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+
+    def resize(size_bytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount)], check=True)
+
+    try:
+        yield mount, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_the_reason_and_loses_no_committed_checkpoint(reference, small_disk):
+    mount, resize = small_disk
+    run_dir = mount / "run"
+    stop_at_4 = "+train.fault_injection.stop_at_step=4"  # the first part of the run: steps 1-4, then "resume me"
+    # The first save does not fit (4 MiB; a checkpoint here is ~7 MiB): it fails part-way, and says so.
+    proc = run_ok(run_dir, stop_at_4, expect=1)
+    assert "the disk is full: writing checkpoint step-00000002" in proc.stdout, proc.stdout[-4000:]
+    assert "no earlier checkpoint exists" in proc.stdout
+    assert "Error executing job" not in proc.stdout  # the launcher itself did not crash (exit.json unwritable)
+
+    resize(64 << 20)  # room made: the same command starts again; the partial save is cleared away
+    proc = run_ok(run_dir, stop_at_4, expect=EXIT_RESUME_ME)
+    assert "removed step-00000002: an uncommitted checkpoint" in proc.stdout
+    root = checkpoint.checkpoint_root(run_dir)
+    size = checkpoint.committed_size(root / "step-00000004")
+    used = sum(p.stat().st_size for p in mount.rglob("*") if p.is_file())
+
+    # Room for half a checkpoint more, and keep_last=0 keeps every checkpoint (none may be rotated
+    # out early to make room): step 6 is refused before anything is written.
+    resize(used + size // 2)
+    proc = run_ok(run_dir, "checkpoint.keep_last=0", expect=1)
+    assert "not enough disk space for checkpoint step-00000006" in proc.stdout, proc.stdout[-4000:]
+    assert checkpoint.committed_tags(root) == ["step-00000004", "step-00000002"]
+    assert not (root / "step-00000006").exists()
+    assert all(checkpoint.verify(root / tag) is None for tag in checkpoint.committed_tags(root))
+
+    proc = run_ok(run_dir, "checkpoint.keep_last=1")  # the advice in the message: keep fewer
+    assert "removed step-00000002 before saving rather than after" in proc.stdout
+    assert checkpoint.committed_tags(root) == [checkpoint.tag_for(STEPS)]
+    diff = max_loss_diff(run_dir, reference, range(1, STEPS + 1))
+    print(f"full disk: refused at step 6 with about {size // 2} bytes free for a {size}-byte checkpoint; resumed to step "
+          f"{STEPS}; largest loss difference from the uninterrupted run {diff:.1e}")
+    assert diff <= EXACT

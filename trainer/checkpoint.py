@@ -17,12 +17,14 @@ refused before DeepSpeed, whose own loaders use `weights_only=False`, ever opens
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -76,7 +78,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -167,7 +169,7 @@ def check_finite_files(paths: List[Path]) -> Optional[str]:
 
 def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_of(folder)}
-    _write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+    write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
 def verify(folder: Path, deep: bool = True) -> Optional[str]:
@@ -241,26 +243,102 @@ def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: Dis
     Order matters for crash safety: shards (every rank) -> rng -> trainer_state -> MANIFEST (the
     commit) -> `latest` -> rotation. A crash anywhere before the manifest leaves a folder that is
     never chosen; rotation runs only after the commit, so a committed checkpoint always exists.
+    Before anything is written rank 0 checks the disk has room for one more checkpoint the size
+    of the last (rotating first if that makes room); if not, every rank stops with the reason.
     """
     root = checkpoint_root(run_dir)
     folder = root / tag_for(step)
-    if info.is_main and folder.exists():
-        shutil.rmtree(folder)  # an uncommitted leftover of a crashed save of this same step
-    barrier()
-    engine.save_checkpoint(str(root), tag=folder.name, client_state={"shardtune": loop_state}, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{info.rank}.pt")
+    problem = None
+    if info.is_main:  # the run directory is shared by every node, so one rank checks it
+        remove_uncommitted(root)  # crashed saves: never resumed from, and they hold disk space
+        if folder.exists():
+            shutil.rmtree(folder)  # this step saved before, by a run resumed from an earlier checkpoint
+        problem = space_problem(root, folder.name)
+        if problem and make_room(root, keep_last):
+            problem = space_problem(root, folder.name)
+    if _any_rank_failed(problem is not None, info):  # every rank stops here together, nothing written
+        raise CheckpointError(problem or "rank 0 found too little disk space for the checkpoint")
+    try:
+        engine.save_checkpoint(str(root), tag=folder.name, client_state={"shardtune": loop_state}, save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{info.rank}.pt")
+    except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
+        raise CheckpointError(write_failure(root, folder.name, err)) from err
     barrier()  # every rank's shards are on disk
     problem = check_finite_files(own_files(folder, info.rank)) if check_finite else None
     if _any_rank_failed(problem is not None, info):
         raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
     if info.is_main:
         state = {**loop_state, "zero_stage": int(engine.zero_optimization_stage())}
-        _write_atomic(folder / STATE, json.dumps(state, indent=1))
+        write_atomic(folder / STATE, json.dumps(state, indent=1))
         write_manifest(folder)
-        _write_atomic(root / LATEST, folder.name)
+        write_atomic(root / LATEST, folder.name)
         rotate(root, keep_last)
     barrier()
     return folder
+
+
+def _log_stderr(message: str) -> None:
+    print(f"[shardtune] {message}", file=sys.stderr, flush=True)
+
+
+def remove_uncommitted(root: Path, log=_log_stderr) -> None:
+    """Delete checkpoint folders without a manifest: saves that never completed."""
+    committed = set(committed_tags(root))
+    for folder in sorted(root.glob(TAG_PREFIX + "*")) if root.is_dir() else []:
+        if folder.is_dir() and folder.name not in committed:
+            shutil.rmtree(folder, ignore_errors=True)
+            log(f"removed {folder.name}: an uncommitted checkpoint (a save that did not finish)")
+
+
+def make_room(root: Path, keep_last: int, log=_log_stderr) -> bool:
+    """Rotate before the save rather than after it: delete now the committed checkpoints this save
+    would rotate out anyway. The newest always stays, so a complete checkpoint exists throughout.
+    Returns whether anything was deleted."""
+    if keep_last <= 0:
+        return False
+    before = set(committed_tags(root))
+    rotate(root, max(keep_last - 1, 1))
+    removed = sorted(before - set(committed_tags(root)))
+    if removed:
+        log(f"disk nearly full: removed {', '.join(removed)} before saving rather than after "
+            f"(checkpoint.keep_last={keep_last})")
+    return bool(removed)
+
+
+def committed_size(folder: Path) -> int:
+    """Bytes of a committed checkpoint, from its manifest."""
+    return sum(meta["size"] for meta in json.loads((folder / MANIFEST).read_text())["files"].values())
+
+
+def space_problem(root: Path, tag: str, free_bytes: Optional[int] = None) -> Optional[str]:
+    """Why checkpoint `tag` would not fit on `root`'s disk (free_bytes: measured unless given),
+    judged by the newest committed one's size; None when it fits or there is none to judge by."""
+    previous = committed_tags(root)
+    if not previous:
+        return None
+    needed = committed_size(root / previous[0])
+    free_bytes = shutil.disk_usage(root).free if free_bytes is None else free_bytes
+    if free_bytes >= needed * 1.05:  # shards vary a little (the loop state, pickling)
+        return None
+    return (f"not enough disk space for checkpoint {tag}: {free_bytes / 2**20:.1f} MiB free in {root}, and "
+            f"the last one ({previous[0]}) takes {needed / 2**20:.1f} MiB. Nothing was written and {previous[0]} "
+            f"is intact. Free some space, keep fewer checkpoints (checkpoint.keep_last=1), or move run.dir to a "
+            f"larger disk; then run the same command to resume from {previous[0]}")
+
+
+def write_failure(root: Path, tag: str, err: Exception) -> str:
+    """The message for a checkpoint write that failed part-way (a full disk, a lost mount, ...)."""
+    previous = committed_tags(root)
+    try:
+        free_bytes = shutil.disk_usage(root).free
+        free = f"{free_bytes / 2**20:.1f} MiB free now"
+    except OSError:
+        free_bytes, free = None, "free space unknown"
+    full = getattr(err, "errno", None) == errno.ENOSPC or (free_bytes is not None and free_bytes < 2**20)
+    kept = f"{previous[0]} is intact and is what a rerun resumes from" if previous else "no earlier checkpoint exists"
+    return (f"{'the disk is full: ' if full else ''}writing checkpoint {tag} into {root} failed "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}; {free}). The partial {tag} is never "
+            f"resumed from (and is removed by the next save); {kept}")
 
 
 def own_files(folder: Path, rank: int) -> List[Path]:

@@ -118,9 +118,14 @@ def find_resume(run_dir: Path, cfg: RootConfig, log):
 
 
 def write_exit(run_dir: Path, info: DistInfo, code: int, detail: str = "") -> None:
+    """Record the exit code for the launcher; on a full disk it cannot be written, and the launcher
+    then goes by the process's own exit code."""
     if info.is_main:
-        control_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        (control_dir(run_dir) / "exit.json").write_text(json.dumps({"code": code, "detail": detail}))
+        try:
+            control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint.write_atomic(control_dir(run_dir) / "exit.json", json.dumps({"code": code, "detail": detail}))
+        except OSError as err:
+            print(f"[shardtune] could not record the exit code in {control_dir(run_dir)}: {err}", file=sys.stderr)
 
 
 def quiet_known_warnings() -> None:
