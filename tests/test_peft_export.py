@@ -92,6 +92,27 @@ def test_lora_with_dropout_adapts_fused_moe_experts():
     assert expert_b and all(g is not None and g.abs().sum() > 0 for g in expert_b)  # (lora_A's is 0 while B is)
 
 
+def test_target_modules_that_match_nothing_are_refused_before_launch(tmp_path):
+    """Module names differ per architecture: GPT-2 has c_attn/c_proj/c_fc, not q_proj/v_proj."""
+    from transformers import GPT2Config
+
+    from launcher.app import compose
+
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=2048).save_pretrained(tmp_path / "gpt2")
+    gpt2 = ["model=local", f"model.name_or_path={tmp_path / 'gpt2'}", "model.random_init=true"]
+    for overrides, needles in [
+            (["peft=lora", "peft.target_modules=family"], ["model.family=llama's targets", "'c_attn'", "all-linear"]),
+            (["peft=ia3"], ["IA3's default targets ['k_proj', 'v_proj', 'down_proj']", "'c_fc'"]),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            compose(gpt2 + overrides)
+        assert all(needle in str(err.value) for needle in needles), str(err.value)
+    with pytest.raises(ConfigError, match=r"peft.target_modules \['v_prj'\] match no module of llama"):
+        compose(["peft=lora", "peft.target_modules=[q_proj,v_prj]"])  # a typo in a list of one's own
+    compose(gpt2 + ["peft=lora", "peft.target_modules=[c_attn]"])
+    compose(gpt2 + ["peft=lora"])  # all-linear: any architecture
+
+
 def test_qlora_on_cpu_is_a_clear_error_before_launch():
     cfg = RootConfig()
     cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"

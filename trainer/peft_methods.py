@@ -11,7 +11,7 @@ model family's attention + MLP projections, see trainer/families.py) or an expli
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from trainer.config import PeftConfig
 
@@ -69,6 +69,48 @@ def _register_dora_base_weights(model) -> int:
             deepspeed.zero.register_external_parameter(module, module.get_base_layer().weight)
             count += 1
     return count
+
+
+def _named_targets(cfg: PeftConfig, family: str) -> List[str]:
+    """The module names the method will look for, when they are names (not all-linear or a regex)."""
+    if cfg.method == "ia3":
+        return _ia3_targets(cfg)[0]
+    if cfg.method in ("lora", "dora") and (cfg.target_modules == "family" or not isinstance(cfg.target_modules, str)):
+        return list(_targets(cfg, family))
+    return []
+
+
+def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code: bool = False) -> Optional[str]:
+    """Before any spawn: a peft method whose target module names match nothing in this architecture
+    (peft would fail on every rank after the model loaded). The model is built on the meta device:
+    its structure without its weights, in about a second even for 8B."""
+    wanted = _named_targets(cfg, family)
+    if not wanted:
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if has_fused_experts(model):
+        return None  # peft renames expert projections of fused-MoE models itself: leave it to peft
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [key for key in wanted if not any(name == key or name.endswith("." + key) for name in names)]
+    # A list the user wrote must match in full (a typo would silently adapt less); a default list
+    # (a family's, IA3's) is fine as long as part of it matches.
+    explicit = not isinstance(cfg.target_modules, str)
+    if not unmatched or (not explicit and len(unmatched) < len(wanted)):
+        return None
+    wanted = unmatched if explicit else wanted
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if type(module).__name__ in ("Linear", "Conv1D") and name})
+    origin = {"ia3": "IA3's default targets" if isinstance(cfg.target_modules, str) else "peft.target_modules",
+              }.get(cfg.method, f"model.family={family}'s targets" if cfg.target_modules == "family"
+                    else "peft.target_modules")
+    return (f"peft={cfg.method}: {origin} {wanted} match no module of {config.model_type} ({model_folder}); its "
+            f"linear layers are {linear}: set peft.target_modules=[...] from those" +
+            (" or peft.target_modules=all-linear" if cfg.method in ("lora", "dora") else ""))
 
 
 def has_fused_experts(model) -> bool:

@@ -168,6 +168,7 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
         _check_weights(cfg, problems)
         if cfg.model.loss_chunks > 1:
             _check_chunked_loss(cfg, problems)
+        _check_peft_targets(cfg, problems)
 
 
 def _check_weights(cfg: RootConfig, problems: List[str]) -> None:
@@ -181,20 +182,37 @@ def _check_weights(cfg: RootConfig, problems: List[str]) -> None:
                         "this architecture from a seeded random init")
 
 
+def _config_folder(cfg: RootConfig) -> Path | None:
+    """The folder holding the model's config.json when it is at hand before any spawn (a local
+    folder or a builtin); None for GGUF files and pypi: models (checked once the worker has them)."""
+    from trainer.model import BUILTIN_DIR
+
+    name = cfg.model.name_or_path
+    folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else Path(os.path.expanduser(name))
+    return None if cfg.model.gguf_file or not (folder / "config.json").is_file() else folder
+
+
+def _check_peft_targets(cfg: RootConfig, problems: List[str]) -> None:
+    from trainer.peft_methods import target_problem
+
+    folder = _config_folder(cfg)
+    if folder is not None and cfg.peft.method in ("lora", "dora", "ia3"):
+        problem = target_problem(cfg.peft, cfg.model.family, folder, cfg.model.trust_remote_code)
+        if problem:
+            problems.append(problem)
+
+
 def _check_chunked_loss(cfg: RootConfig, problems: List[str]) -> None:
     """A model whose config.json is at hand (a folder or a builtin) is checked here, before any spawn;
     others (GGUF, pypi:) when the worker has built them."""
     import json
 
     from trainer.loss import logit_transform_problem
-    from trainer.model import BUILTIN_DIR
 
-    name = cfg.model.name_or_path
-    folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else Path(os.path.expanduser(name))
-    config_file = folder / "config.json"
-    if cfg.model.gguf_file or not config_file.is_file():
+    folder = _config_folder(cfg)
+    if folder is None:
         return
-    problem = logit_transform_problem(json.loads(config_file.read_text()))
+    problem = logit_transform_problem(json.loads((folder / "config.json").read_text()))
     if problem:
         problems.append(problem.format(chunks=cfg.model.loss_chunks))
 
