@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -77,6 +78,29 @@ def test_text_trains_on_every_token(tok, tmp_path):
     row = ds[1]
     assert row["labels"][0] == IGNORE and row["labels"][1:] == row["input_ids"][1:]
     assert row["input_ids"][-1] == tok.eos_token_id
+
+
+def test_content_parts_and_per_message_weights(tok, tmp_path):
+    """OpenAI's fine-tuning format: content as a list of text parts; "weight": 0 on an assistant
+    message makes it context, not a target."""
+    from trainer.data.errors import DataError
+
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+                    {"role": "assistant", "content": "Blue.", "weight": 0},
+                    {"role": "user", "content": "Another?"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "Green."}], "weight": 1}]
+    good = tmp_path / "openai.jsonl"
+    good.write_text(json.dumps({"messages": conversation}) + "\n")
+    row = load(tok, tmp_path, [str(good)])[0]
+    assert trained_text(tok, row) == "Green.<|im_end|>\n"
+    assert "Name a colour.<|im_end|>" in tok.decode(row["input_ids"]) and "Blue." in tok.decode(row["input_ids"])
+    for bad_message, words in [({"role": "assistant", "content": "x", "weight": 0.5}, "message 1 has weight 0.5"),
+                               ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "a"}}]},
+                                "message 1 has a content part of type 'image_url'")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"messages": [conversation[0], bad_message]}) + "\n")
+        with pytest.raises(DataError, match=rf"bad\.jsonl:1: {re.escape(words)}"):
+            load(tok, tmp_path, [str(bad)])
 
 
 def test_fields_remapping(tok, tmp_path):

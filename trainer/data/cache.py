@@ -23,7 +23,7 @@ from trainer.config import DataConfig
 from trainer.data.errors import DataError
 
 # Bump when the prepared format or the rendering rules change: old entries then miss.
-PIPELINE_VERSION = 3
+PIPELINE_VERSION = 4
 SETTINGS = ("format", "fields", "loss_on", "max_seq_len", "length_policy", "on_error")
 
 

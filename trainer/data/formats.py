@@ -72,12 +72,30 @@ def _chat_messages(raw, names: FieldNames, where: str) -> List[Dict]:
             raise DataError(where, f"message {i} has neither {names('role')!r} nor {names('from')!r}: "
                                    f"{message!r:.80}", "bad_message")
         content = message.get(names("content"), message.get(names("value")))
+        if isinstance(content, list):  # OpenAI content parts: [{"type": "text", "text": ...}, ...]
+            content = _text_of_parts(content, i, where)
         if content is None and not message.get("tool_calls"):
             raise DataError(where, f"message {i} ({role}) has no {names('content')!r}", "bad_message")
         extra = {k: v for k, v in message.items()
                  if k not in (names("role"), names("from"), names("content"), names("value"))}
         messages.append({**extra, "role": role, "content": content if content is not None else ""})
     return messages
+
+
+def _text_of_parts(parts: list, index: int, where: str) -> str:
+    """The text of a message given as content parts; a non-text part (an image, audio) is an error:
+    the models trained here read text only."""
+    texts = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        else:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(where, f"message {index} has a content part of type {kind!r}; only text parts "
+                                   "({'type': 'text', 'text': ...}) can be trained on: drop the others", "bad_message")
+    return "".join(texts)
 
 
 def normalize(record, fmt: str, names: FieldNames, where: str) -> Canonical:

@@ -40,6 +40,9 @@ def check_messages(messages: Sequence[Dict], where: str) -> None:
         if not isinstance(message["content"], str):
             raise DataError(where, f"message {i} content must be a string, got {type(message['content']).__name__}",
                             "bad_message")
+        if "weight" in message and message["weight"] not in (0, 1):
+            raise DataError(where, f"message {i} has weight {message['weight']!r}; valid: 0 (not trained) or 1",
+                            "bad_message")
         seen_user |= role == "user"
         if role == "assistant" and not seen_user:
             raise DataError(where, f"message {i}: assistant turn before any user turn", "assistant_first")
@@ -55,7 +58,8 @@ def chat_spans(tokenizer, messages: Sequence[Dict], loss_on: str, where: str) ->
     text = _render(tokenizer, messages)
     if loss_on == "all":
         return Rendered(text, [(0, len(text))], False, False)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # An assistant message with "weight": 0 (OpenAI's fine-tuning format) is context, not a target.
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
     if loss_on == "last_turn":
         turns = turns[-1:]
     spans = []
