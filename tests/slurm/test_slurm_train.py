@@ -1,18 +1,21 @@
 """`shardtune train cluster=slurm` against the real local cluster (two emulated nodes n1, n2).
 
 One local 2-rank run is the reference: a 2 nodes x 1 rank Slurm job must reproduce its losses,
-and so must a job that is signalled mid-run, checkpoints, requeues itself and resumes.
+and so must a job that is signalled mid-run, checkpoints, requeues itself and resumes, and a run
+started by hand inside `salloc`.
 Measured times go to the terminal summary (conftest.py prints cluster.timings).
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import TINY, losses, metrics, train
+from helpers import REPO, TINY, losses, metrics, subprocess_env, train
 from launcher.slurm_env import derive_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
@@ -133,3 +136,23 @@ def test_signalled_job_requeues_and_resumes(slurm_cluster, local_losses, tmp_pat
         "requeue job: USR1 -> first step after resume": resumed_first["time"] - signalled_at,
         "requeue job: max |loss - local loss|": diff,
     })
+
+
+def test_inside_salloc_the_launcher_sruns_one_node_launcher_per_node(slurm_cluster, local_losses, tmp_path):
+    """`salloc -N2` then `shardtune train cluster=slurm ...`: no sbatch; the launcher, inside the
+    allocation, starts one node launcher per node with srun and waits for them."""
+    run_dir = tmp_path / "run"
+    command = ["salloc", "--nodes=2", "--time=10", sys.executable, "-m", "launcher.cli", "train", f"run.dir={run_dir}",
+               *COMMON, *SLURM]
+    started = time.time()
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(slurm_cluster.client_env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "inside Slurm allocation" in proc.stdout and "submitted Slurm job" not in proc.stdout, proc.stdout[-3000:]
+    assert not (run_dir / "slurm_job_id").exists()  # nothing was sbatch'ed
+    steps = _train_steps(run_dir)
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    diff = max(abs(r["loss"] - ref) for r, ref in zip(steps, local_losses))
+    assert diff < 1e-5, ([r["loss"] for r in steps], local_losses)
+    slurm_cluster.timings["salloc run: wall time"] = time.time() - started
+    slurm_cluster.timings["salloc run: max |loss - local loss|"] = diff
