@@ -44,6 +44,8 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     """Write the run directory and start the workers with the configured backend."""
     from launcher.resume import adapt_to_checkpoint
 
+    if cfg.run.launch == "spawn":
+        refuse_if_in_use(Path(cfg.run.dir).expanduser())
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
     adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
     run_dir = write_run_dir(cfg, on_gpu, overrides)
@@ -60,6 +62,19 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     from launcher.local import launch_local
 
     return launch_local(cfg, run_dir, on_gpu)
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Two launches writing one run directory would interleave checkpoints and metrics: refuse
+    while processes of an earlier launch (on this host) are still alive."""
+    from trainer.control import processes_of_run
+
+    alive = processes_of_run(run_dir)
+    if alive:
+        listed = "\n".join(f"    pid {pid}: {command[:160]}" for pid, command in alive[:6])
+        raise ConfigError([f"run.dir={run_dir} is in use by {len(alive)} process(es) of an earlier launch:\n{listed}\n"
+                           f"  stop them first (`shardtune stop {run_dir}` checkpoints and ends them; or kill "
+                           f"{' '.join(str(pid) for pid, _ in alive[:6])}), then run the same command to resume"])
 
 
 def _task(node: DictConfig) -> int:

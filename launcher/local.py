@@ -15,8 +15,8 @@ from typing import Dict, List, Tuple
 from launcher.rundir import REPO_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
-from trainer.control import (EXIT_HUNG, EXIT_RESUME_ME, control_dir, describe_rank, describe_stragglers,
-                             likely_stuck, request_stop, stale_ranks)
+from trainer.control import (EXIT_HUNG, EXIT_RESUME_ME, LAUNCHER_ENV, control_dir, describe_rank,
+                             describe_stragglers, launcher_identity, likely_stuck, request_stop, stale_ranks)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
 
@@ -80,6 +80,7 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_t
     """
     for stale in (Path(run_dir) / "heartbeats").glob("rank*.json"):
         stale.unlink()  # an earlier launch's heartbeats would look like a hang at once
+    env = {**env, LAUNCHER_ENV: launcher_identity()}  # ranks that outlive us checkpoint and stop
     process = subprocess.Popen(argv, env=env, start_new_session=True)
     interrupts = []
 

@@ -42,3 +42,35 @@ def test_finished_fresh_and_dead_ranks_are_not_stale(tmp_path):
     assert stale_ranks(tmp_path, timeout_s=10) == []
     assert [b["rank"] for b in likely_stuck([json.loads(p.read_text()) for p in
                                              sorted((tmp_path / "heartbeats").glob("*.json"))])] == [2]
+
+
+def test_a_dead_launcher_is_noticed_only_on_its_own_host(tmp_path, monkeypatch):
+    from trainer.control import LAUNCHER_ENV, StopRequest, launcher_gone, launcher_identity
+
+    host = launcher_identity().rsplit(":", 1)[0]
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid is gone
+    assert launcher_gone(f"{host}:{finished.pid}")
+    assert not launcher_gone(launcher_identity())  # alive: this process
+    assert not launcher_gone(f"another-host:{finished.pid}")  # a pid on another machine says nothing here
+    assert not launcher_gone(None)  # started by the user's own deepspeed/torchrun
+    monkeypatch.setenv(LAUNCHER_ENV, f"{host}:{finished.pid}")
+    stop = StopRequest(tmp_path)
+    assert stop.requested() and stop.reason() == f"the launcher ({host}:{finished.pid}) is gone"
+
+
+def test_processes_of_a_run_are_found_by_their_run_dir(tmp_path):
+    import sys
+
+    from trainer.control import processes_of_run
+
+    mine, other = tmp_path / "run", tmp_path / "run2"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--run-dir", str(mine)])
+    try:
+        time.sleep(0.3)
+        assert [pid for pid, _ in processes_of_run(mine)] == [sleeper.pid]
+        assert processes_of_run(other) == []  # a prefix of another run's name is not a match
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert processes_of_run(mine) == []

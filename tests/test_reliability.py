@@ -65,7 +65,7 @@ def wait_for_beat(run_dir: Path, rank: int, phase=None, min_step: int = 0, timeo
 
 def job_processes(run_dir: Path) -> list[str]:
     """Processes whose command line names this run directory (ranks, launchers): orphans if any."""
-    ps = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout.splitlines()
     return [line for line in ps if str(run_dir) in line and "ps -eo" not in line]
 
 
@@ -200,6 +200,32 @@ def wandb_history_steps(run_dir: Path) -> list[int]:
 
 def sentinel_hits(run_dir: Path) -> int:
     return sum(p.read_bytes().count(SENTINEL.encode()) for p in run_dir.rglob("*") if p.is_file())
+
+
+def test_a_killed_launcher_leaves_no_rank_training_and_a_relaunch_waits_for_them(reference, tmp_path):
+    """kill -9 of the launcher itself (its ranks run in a session of their own): the ranks notice,
+    checkpoint and exit; while they live, a second launch into the same run directory is refused."""
+    run_dir = tmp_path / "orphaned"
+    job = start(run_dir, "+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=12")
+    beat = wait_for_beat(run_dir, rank=0, phase="paused")
+    second = run_ok(run_dir, expect=2)
+    assert "is in use by" in second.stdout and f"pid {beat['pid']}:" in second.stdout, second.stdout[-3000:]
+    job.kill()  # SIGKILL: no handler runs, nothing is forwarded
+    job.wait()
+    killed_at = time.time()
+    while job_processes(run_dir) and time.time() - killed_at < 90:
+        time.sleep(0.5)
+    gone_s = time.time() - killed_at
+    text = output(run_dir)
+    stopped = re.search(r"stopped at step (\d+) \(the launcher \(\S+\) is gone\); checkpoint saved", text)
+    print(f"orphans: ranks of a kill -9'd launcher gone {gone_s:.1f}s later (the pause ran 12 s), "
+          f"{stopped.group(0) if stopped else 'no stop message'}")
+    assert job_processes(run_dir) == [] and stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint.committed_tags(checkpoint.checkpoint_root(run_dir))[0] == checkpoint.tag_for(step)
+    resumed = run_ok(run_dir)
+    assert f"at step {step}" in resumed.stdout
+    assert max_loss_diff(run_dir, reference, range(1, STEPS + 1)) <= EXACT
 
 
 # ---------------------------------------------------------------- T2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -35,10 +36,29 @@ def request_stop(run_dir: Path, reason: str) -> None:
     stop_file(run_dir).write_text(reason)
 
 
+# "host:pid" of the shardtune launcher that started this rank (set by launcher/local.py).
+LAUNCHER_ENV = "SHARDTUNE_LAUNCHER"
+
+
+def launcher_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def launcher_gone(identity: Optional[str]) -> bool:
+    """Whether the launcher named by `identity` ("host:pid") has died on this host (kill -9, a
+    closed terminal). Another host's launcher, or none (a user's own deepspeed/torchrun), is never
+    judged gone."""
+    host, _, pid = (identity or "").rpartition(":")
+    if not pid.isdigit() or host != socket.gethostname():
+        return False
+    return process_state(int(pid)) in ("gone", "zombie")
+
+
 class StopRequest:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.signal_name: Optional[str] = None
+        self.launcher = os.environ.get(LAUNCHER_ENV)
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
@@ -46,13 +66,18 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        return self.signal_name is not None or stop_file(self.run_dir).exists()
+        # An orphaned rank would train on unwatched, and race a relaunch for the run directory.
+        return self.signal_name is not None or stop_file(self.run_dir).exists() or launcher_gone(self.launcher)
 
     def reason(self) -> str:
         if self.signal_name:
             return self.signal_name
         path = stop_file(self.run_dir)
-        return path.read_text().strip() if path.exists() else "stop requested"
+        if path.exists():
+            return path.read_text().strip()
+        if launcher_gone(self.launcher):
+            return f"the launcher ({self.launcher}) is gone"
+        return "stop requested"
 
 
 class Heartbeat:
@@ -85,6 +110,24 @@ def process_state(pid: int) -> str:
         return "gone" if Path("/proc").is_dir() else ""
     return {"R": "running", "S": "sleeping", "D": "in I/O", "T": "stopped", "t": "stopped (traced)",
             "Z": "zombie"}.get(fields[0], fields[0])
+
+
+def processes_of_run(run_dir: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of this host's processes started with `--run-dir RUN_DIR` (ranks, and
+    the deepspeed launchers between them and us), from /proc; [] where there is no /proc."""
+    wanted = str(Path(run_dir).resolve())
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a == "--run-dir" and i + 1 < len(args) and args[i + 1] == wanted for i, a in enumerate(args)) \
+                and process_state(int(entry.name)) not in ("gone", "zombie"):
+            found.append((int(entry.name), " ".join(a for a in args if a)))
+    return found
 
 
 def read_heartbeats(run_dir: Path) -> list[dict]:
