@@ -72,3 +72,19 @@ def test_a_waiter_gets_the_preparers_error_and_a_dead_holder_is_replaced(tmp_pat
     (root / "bad.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # a live holder on another node
     with pytest.raises(DataError, match="a.jsonl:3: malformed JSON"):
         get_or_prepare(root, "bad", failing, poll_s=0.01)
+
+
+def test_a_damaged_cache_entry_is_prepared_again(tok, tmp_path):
+    """A cached preparation truncated or half-deleted after it was made (a full disk, a cleanup
+    script) is detected by its file sizes and made again, not read as garbage."""
+    cfg = DataConfig(train_files=["tests/fixtures/data/messages.jsonl"], cache_dir=str(tmp_path / "cache"))
+    first, _ = build_datasets(cfg, tok)
+    expected = [first[i] for i in range(len(first))]
+    del first  # it memory-maps the file damaged below
+    ids = next((tmp_path / "cache").rglob("ids.bin"))
+    ids.write_bytes(ids.read_bytes()[:-8])  # two tokens short
+    messages = []
+    again, _ = build_datasets(cfg, tok, log=messages.append)
+    assert again.report["cache_misses"] == 1
+    assert any("data cache entry damaged" in m and "ids.bin has" in m for m in messages), messages
+    assert [again[i] for i in range(len(again))] == expected

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from trainer.config import DataConfig
 from trainer.data.errors import DataError
@@ -78,16 +78,33 @@ def _try_lock(lock: Path) -> bool:
     return True
 
 
-def get_or_prepare(root: Path, key: str, prepare: Callable[[Path], dict], log=None,
-                   poll_s: float = 0.5) -> tuple[Path, bool]:
+def _discard(folder: Path, problem: str, log) -> None:
+    """Move a damaged entry aside (atomic: of racing processes one wins, the others find it gone)."""
+    aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+    if log:
+        log(f"data cache entry damaged ({problem}); preparing it again")
+
+
+def get_or_prepare(root: Path, key: str, prepare: Callable[[Path], dict], log=None, poll_s: float = 0.5,
+                   check: Optional[Callable[[Path], Optional[str]]] = None) -> tuple[Path, bool]:
     """The ready folder for `key`, prepared by `prepare(tmp_folder)` unless another process does
-    it; returns (folder, hit) with hit=True when it was already there or prepared by another."""
+    it; returns (folder, hit) with hit=True when it was already there or prepared by another.
+    `check(folder)` says what is wrong with an existing entry (damaged since): it is made again."""
     root.mkdir(parents=True, exist_ok=True)
     final, lock, failed = root / key, root / f"{key}.lock", root / f"{key}.error"
     waited, last_note = False, time.time()
     while True:
         if (final / "meta.json").is_file():
-            return final, True
+            problem = check(final) if check else None
+            if problem is None:
+                return final, True
+            _discard(final, problem, log)  # damaged since it was made: prepare it again
+            continue
         if waited and failed.is_file():  # preparation is deterministic: the holder's error is ours too
             error = json.loads(failed.read_text())
             raise DataError(error["where"], error["problem"], error["reason"])

@@ -18,7 +18,7 @@ from trainer.data.errors import DataError
 from trainer.data.packing import pack
 from trainer.data.prepare import tokenize_source
 from trainer.data.render import IGNORE
-from trainer.data.store import DocStore
+from trainer.data.store import DocStore, store_problem
 
 HISTOGRAM_BINS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -111,7 +111,8 @@ def expand_files(patterns: List[str]) -> List[str]:
 def _prepare(source: sources.Source, tokenizer, cfg: DataConfig, tok_print: str, log) -> Tuple[DocStore, bool]:
     key = cache.cache_key(sources.fingerprint(source), tok_print, cfg)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
-    folder, hit = cache.get_or_prepare(root, key, lambda tmp: tokenize_source(source, tokenizer, cfg, tmp), log)
+    folder, hit = cache.get_or_prepare(root, key, lambda tmp: tokenize_source(source, tokenizer, cfg, tmp), log,
+                                       check=store_problem)
     return DocStore(folder), hit
 
 

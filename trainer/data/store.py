@@ -38,6 +38,21 @@ class StoreWriter:
         (self.folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
+def store_problem(folder: Path) -> str | None:
+    """What is wrong with a prepared folder whose files no longer agree (truncated, deleted), or None."""
+    try:
+        offsets = np.load(folder / "offsets.npy")
+        total = int(offsets[-1])
+        for name, itemsize in (("ids.bin", 4), ("trained.bin", 1)):
+            size = (folder / name).stat().st_size
+            if size != total * itemsize:
+                return f"{folder / name} has {size} bytes, {total * itemsize} expected"
+        json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError, IndexError) as err:
+        return f"{folder}: {type(err).__name__}: {err}"
+    return None
+
+
 class DocStore:
     """Read side: documents by index, their lengths and trained-token counts."""
 
