@@ -142,10 +142,29 @@ def composition_problem(err: Exception) -> str:
     return "\n    ".join(lines)
 
 
+def run_dir_problem(argv: List[str]) -> str | None:
+    """A run.dir given on the command line that cannot be created: said plainly, before Hydra
+    (which creates it first) fails with a traceback."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
+    inspecting = {"-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i"}
+    if not given or "${" in given[-1] or inspecting & set(argv):
+        return None  # a sweep makes its own directories; --cfg/--help make none
+    try:
+        Path(given[-1]).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return (f"run.dir={given[-1]} cannot be created ({err.strerror or err}); give a writable directory "
+                "(relative paths are from the current directory)")
+    return None
+
+
 def train_main(argv: List[str]) -> int:
     """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
     register()
     _exit_codes.clear()
+    problem = run_dir_problem(argv)
+    if problem:
+        print(f"shardtune: {problem}", file=sys.stderr)
+        return 2
     sys.argv = ["shardtune train", *argv]
     app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)
     app()

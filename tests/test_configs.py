@@ -81,6 +81,10 @@ def test_cli_rejects_before_spawning(tmp_path):
         assert proc.returncode != 0, proc.stdout
         assert needle in proc.stdout
         assert not (run_dir / "config.yaml").exists(), "a run directory was written for an invalid config"
+    (tmp_path / "a-file").write_text("")
+    proc = shardtune("train", f"run.dir={tmp_path / 'a-file' / 'run'}", timeout=120)
+    assert proc.returncode == 2 and "cannot be created (Not a directory)" in proc.stdout, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stdout
 
 
 def test_hydra_flags_keep_working(tmp_path):
