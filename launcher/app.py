@@ -6,6 +6,7 @@ recorded in its run directory and the sweep goes on.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     from launcher.resume import adapt_to_checkpoint
 
     if cfg.run.launch == "spawn":
-        refuse_if_in_use(Path(cfg.run.dir).expanduser())
+        refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm")
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
     adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
     run_dir = write_run_dir(cfg, on_gpu, overrides)
@@ -64,11 +65,21 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     return launch_local(cfg, run_dir, on_gpu)
 
 
-def refuse_if_in_use(run_dir: Path) -> None:
+def refuse_if_in_use(run_dir: Path, slurm: bool = False) -> None:
     """Two launches writing one run directory would interleave checkpoints and metrics: refuse
-    while processes of an earlier launch (on this host) are still alive."""
+    while processes of an earlier launch (on this host) are alive, or its Slurm job is queued or
+    running (a requeued job would also read the rewritten config)."""
     from trainer.control import processes_of_run
 
+    if slurm and os.environ.get("SHARDTUNE_BATCH_JOB") is None:  # not from inside our own job script
+        from launcher.slurm import active_job
+
+        job = active_job(run_dir)
+        if job:
+            raise ConfigError([f"run.dir={run_dir} belongs to Slurm job {job[0]}, which is {job[1]}: a second job "
+                               f"would write the same directory. Wait for it (squeue -j {job[0]}), stop it with a "
+                               f"checkpoint (shardtune stop {run_dir}) or cancel it (scancel {job[0]}), then "
+                               "submit again: it resumes from the last checkpoint"])
     alive = processes_of_run(run_dir)
     if alive:
         listed = "\n".join(f"    pid {pid}: {command[:160]}" for pid, command in alive[:6])

@@ -104,6 +104,26 @@ def derive_for_compute_nodes(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> No
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+
+
+def active_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of the Slurm job last submitted for `run_dir` while it is still queued or
+    running; None when there is none, it has ended, or Slurm cannot be asked."""
+    id_file = Path(run_dir) / JOB_ID_FILE
+    if not id_file.is_file() or not shutil.which("squeue"):
+        return None
+    job_id = id_file.read_text().strip()
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = {line.strip() for line in proc.stdout.splitlines() if line.strip()}
+    active = sorted(states & ACTIVE_STATES)
+    return (job_id, active[0]) if proc.returncode == 0 and active else None
+
+
 def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     if in_allocation() and cfg.run.launch == "spawn":
         return launch_in_allocation(cfg, run_dir)

@@ -70,7 +70,14 @@ def local_losses(tmp_path_factory):
 
 def test_two_node_job_matches_local_run(slurm_cluster, local_losses, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, submitted_at = _submit(slurm_cluster, run_dir)
+    # Rank 0 pauses 15 s in step 2 (same losses): the job is surely queued or running when a second
+    # submission into its run directory comes, and is refused before anything is written.
+    pause = ["+train.fault_injection.pause_at_step=2", "+train.fault_injection.pause_seconds=15"]
+    job_id, submitted_at = _submit(slurm_cluster, run_dir, *pause)
+    config_before = (run_dir / "config.yaml").read_text()
+    again = train(run_dir, *COMMON, *SLURM, "optim.lr=0.5", env=slurm_cluster.client_env, timeout=120)
+    assert again.returncode == 2 and f"belongs to Slurm job {job_id}, which is" in again.stdout, again.stdout
+    assert (run_dir / "config.yaml").read_text() == config_before
     script = (run_dir / "job.sbatch").read_text()
     for line in ("#SBATCH --nodes=2", "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@"):
         assert line in script
