@@ -88,7 +88,7 @@ def test_two_node_job_matches_local_run(slurm_cluster, local_losses, tmp_path):
     out = _job_output(run_dir, job_id)
     port = derive_port(job_id)
     # One launcher per node; n1 does not resolve, so the rendezvous address is its NodeAddr.
-    assert f"node 0/2" in out and "node 1/2" in out, out[-3000:]
+    assert "node 0/2" in out and "node 1/2" in out, out[-3000:]
     assert f"rendezvous 127.0.0.1:{port}" in out, out[-3000:]
     steps = _train_steps(run_dir)
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
