@@ -45,8 +45,8 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     """Write the run directory and start the workers with the configured backend."""
     from launcher.resume import adapt_to_checkpoint
 
-    if cfg.run.launch == "spawn":
-        refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm")
+    # Every mode writes the run directory (config.yaml, control/): none may while a launch uses it.
+    refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm")
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
     adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
     run_dir = write_run_dir(cfg, on_gpu, overrides)

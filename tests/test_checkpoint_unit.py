@@ -150,6 +150,8 @@ def test_disk_space_is_judged_by_the_last_checkpoint_and_rotation_can_make_room(
     problem = checkpoint.space_problem(tmp_path, "step-00000006", free_bytes=size // 2)
     assert "not enough disk space for checkpoint step-00000006" in problem
     assert "step-00000004 is intact" in problem and "checkpoint.keep_last=1" in problem
+    # With keep_last set, make_room has already rotated all it could: keeping fewer is no advice.
+    assert "keep_last" not in checkpoint.space_problem(tmp_path, "step-00000006", free_bytes=0, keep_last=2)
 
     messages = []
     assert not checkpoint.make_room(tmp_path, keep_last=0, log=messages.append)  # keep all: nothing to delete

@@ -64,12 +64,12 @@ def test_processes_of_a_run_are_found_by_their_run_dir(tmp_path):
 
     from trainer.control import processes_of_run
 
-    mine, other = tmp_path / "run", tmp_path / "run2"
+    mine, other = tmp_path / "run2", tmp_path / "run"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--run-dir", str(mine)])
     try:
         time.sleep(0.3)
         assert [pid for pid, _ in processes_of_run(mine)] == [sleeper.pid]
-        assert processes_of_run(other) == []  # a prefix of another run's name is not a match
+        assert processes_of_run(other) == []  # "run" is a prefix of "run2", not the same run
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -206,7 +206,7 @@ def test_a_killed_launcher_leaves_no_rank_training_and_a_relaunch_waits_for_them
     """kill -9 of the launcher itself (its ranks run in a session of their own): the ranks notice,
     checkpoint and exit; while they live, a second launch into the same run directory is refused."""
     run_dir = tmp_path / "orphaned"
-    job = start(run_dir, "+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=12")
+    job = start(run_dir, "+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=20")
     beat = wait_for_beat(run_dir, rank=0, phase="paused")
     second = run_ok(run_dir, expect=2)
     assert "is in use by" in second.stdout and f"pid {beat['pid']}:" in second.stdout, second.stdout[-3000:]
@@ -218,7 +218,7 @@ def test_a_killed_launcher_leaves_no_rank_training_and_a_relaunch_waits_for_them
     gone_s = time.time() - killed_at
     text = output(run_dir)
     stopped = re.search(r"stopped at step (\d+) \(the launcher \(\S+\) is gone\); checkpoint saved", text)
-    print(f"orphans: ranks of a kill -9'd launcher gone {gone_s:.1f}s later (the pause ran 12 s), "
+    print(f"orphans: ranks of a kill -9'd launcher gone {gone_s:.1f}s later (the pause ran 20 s), "
           f"{stopped.group(0) if stopped else 'no stop message'}")
     assert job_processes(run_dir) == [] and stopped, text[-3000:]
     step = int(stopped.group(1))

@@ -253,9 +253,9 @@ def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: Dis
         remove_uncommitted(root)  # crashed saves: never resumed from, and they hold disk space
         if folder.exists():
             shutil.rmtree(folder)  # this step saved before, by a run resumed from an earlier checkpoint
-        problem = space_problem(root, folder.name)
+        problem = space_problem(root, folder.name, keep_last=keep_last)
         if problem and make_room(root, keep_last):
-            problem = space_problem(root, folder.name)
+            problem = space_problem(root, folder.name, keep_last=keep_last)
     if _any_rank_failed(problem is not None, info):  # every rank stops here together, nothing written
         raise CheckpointError(problem or "rank 0 found too little disk space for the checkpoint")
     try:
@@ -310,7 +310,7 @@ def committed_size(folder: Path) -> int:
     return sum(meta["size"] for meta in json.loads((folder / MANIFEST).read_text())["files"].values())
 
 
-def space_problem(root: Path, tag: str, free_bytes: Optional[int] = None) -> Optional[str]:
+def space_problem(root: Path, tag: str, free_bytes: Optional[int] = None, keep_last: int = 0) -> Optional[str]:
     """Why checkpoint `tag` would not fit on `root`'s disk (free_bytes: measured unless given),
     judged by the newest committed one's size; None when it fits or there is none to judge by."""
     previous = committed_tags(root)
@@ -320,10 +320,12 @@ def space_problem(root: Path, tag: str, free_bytes: Optional[int] = None) -> Opt
     free_bytes = shutil.disk_usage(root).free if free_bytes is None else free_bytes
     if free_bytes >= needed * 1.05:  # shards vary a little (the loop state, pickling)
         return None
+    # keep_last > 0 has already rotated all it could (make_room); only "keep all" can keep fewer.
+    fewer = ", keep fewer checkpoints (checkpoint.keep_last=1)" if keep_last <= 0 else ""
     return (f"not enough disk space for checkpoint {tag}: {free_bytes / 2**20:.1f} MiB free in {root}, and "
-            f"the last one ({previous[0]}) takes {needed / 2**20:.1f} MiB. Nothing was written and {previous[0]} "
-            f"is intact. Free some space, keep fewer checkpoints (checkpoint.keep_last=1), or move run.dir to a "
-            f"larger disk; then run the same command to resume from {previous[0]}")
+            f"the last one ({previous[0]}) takes {needed / 2**20:.1f} MiB (a new checkpoint is written before "
+            f"an old one is deleted). Nothing was written and {previous[0]} is intact. Free some space{fewer} "
+            f"or move run.dir to a larger disk; then run the same command to resume from {previous[0]}")
 
 
 def write_failure(root: Path, tag: str, err: Exception) -> str:

@@ -90,9 +90,12 @@ def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(model_folder, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - e.g. remote code that computes on tensors while building:
+        return None    # this check must never block a run; the worker reports any real problem
     if has_fused_experts(model):
         return None  # peft renames expert projections of fused-MoE models itself: leave it to peft
     names = [name for name, _ in model.named_modules()]
@@ -116,8 +119,10 @@ def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code
 def has_fused_experts(model) -> bool:
     """Whether `model` keeps MoE experts as stacked 3-D parameters (Mixtral, Qwen-MoE, ... in
     transformers 5), which peft adapts with `lora.ParamWrapper` rather than as linear layers."""
-    # Under ZeRO-3 a parameter is an empty partition; ds_shape keeps its full shape.
-    return any(len(getattr(param, "ds_shape", param.shape)) >= 3 for param in model.parameters())
+    # Under ZeRO-3 a parameter is an empty partition; ds_shape keeps its full shape. The name tells
+    # experts from other 3-D weights (convolutions in Mamba-style or LFM2 models).
+    return any(len(getattr(param, "ds_shape", param.shape)) >= 3 and "experts" in name
+               for name, param in model.named_parameters())
 
 
 def _restore_linear_dropout(model, dropout: float) -> int:

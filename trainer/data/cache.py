@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -80,10 +81,13 @@ def _try_lock(lock: Path) -> bool:
 
 def _discard(folder: Path, problem: str, log) -> None:
     """Move a damaged entry aside (atomic: of racing processes one wins, the others find it gone)."""
-    aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}")
+    aside = folder.with_name(f"{folder.name}.damaged-{uuid.uuid4().hex[:12]}")
     try:
         os.replace(folder, aside)
-    except OSError:
+    except OSError as err:
+        if folder.exists():  # not a lost race: we cannot move it (a read-only shared cache, ...)
+            raise DataError(str(folder), f"a damaged data cache entry ({problem}) cannot be removed ({err}); "
+                                         "delete it, or point data.cache_dir at a writable folder") from None
         return
     shutil.rmtree(aside, ignore_errors=True)
     if log:

@@ -21,6 +21,10 @@ REASONS = {
 }
 
 
+# Problems that end the reading of a whole file: skipping "one record" would hide the loss of the rest.
+UNSKIPPABLE = ("corrupt_archive",)
+
+
 class DataError(ValueError):
     def __init__(self, where: str, problem: str, reason: str = "invalid"):
         self.where, self.problem, self.reason = where, problem, reason

@@ -15,7 +15,7 @@ import numpy as np
 
 from trainer.config import DataConfig
 from trainer.data import formats, sources
-from trainer.data.errors import DataError
+from trainer.data.errors import UNSKIPPABLE, DataError
 from trainer.data.render import render, tokenize
 from trainer.data.store import StoreWriter
 
@@ -110,7 +110,8 @@ def tokenize_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: 
         for chunk_results in results:
             for result in chunk_results:
                 if isinstance(result, DataError):
-                    if cfg.on_error == "strict":
+                    # A damaged archive loses the rest of its file, not one record: never skipped.
+                    if cfg.on_error == "strict" or result.reason in UNSKIPPABLE:
                         raise result
                     skipped[result.reason] += 1
                     continue

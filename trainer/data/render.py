@@ -58,10 +58,11 @@ def chat_spans(tokenizer, messages: Sequence[Dict], loss_on: str, where: str) ->
     text = _render(tokenizer, messages)
     if loss_on == "all":
         return Rendered(text, [(0, len(text))], False, False)
-    # An assistant message with "weight": 0 (OpenAI's fine-tuning format) is context, not a target.
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if loss_on == "last_turn":
         turns = turns[-1:]
+    # An assistant message with "weight": 0 (OpenAI's fine-tuning format) is context, not a target.
+    turns = [i for i in turns if messages[i].get("weight", 1) != 0]
     spans = []
     for i in turns:
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
