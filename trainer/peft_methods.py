@@ -108,9 +108,12 @@ def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code
     wanted = unmatched if explicit else wanted
     linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                      if type(module).__name__ in ("Linear", "Conv1D") and name})
-    origin = {"ia3": "IA3's default targets" if isinstance(cfg.target_modules, str) else "peft.target_modules",
-              }.get(cfg.method, f"model.family={family}'s targets" if cfg.target_modules == "family"
-                    else "peft.target_modules")
+    if cfg.method == "ia3" and isinstance(cfg.target_modules, str):
+        origin = "IA3's default targets"
+    elif cfg.target_modules == "family":
+        origin = f"model.family={family}'s targets"
+    else:
+        origin = "peft.target_modules"
     return (f"peft={cfg.method}: {origin} {wanted} match no module of {config.model_type} ({model_folder}); its "
             f"linear layers are {linear}: set peft.target_modules=[...] from those" +
             (" or peft.target_modules=all-linear" if cfg.method in ("lora", "dora") else ""))
