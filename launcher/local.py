@@ -15,8 +15,9 @@ from typing import Dict, List, Tuple
 from launcher.rundir import REPO_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
-from trainer.control import (EXIT_HUNG, EXIT_RESUME_ME, LAUNCHER_ENV, control_dir, describe_rank,
-                             describe_stragglers, launcher_identity, likely_stuck, request_stop, stale_ranks)
+from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, control_dir, describe_rank,
+                             describe_stragglers, launcher_identity, likely_stuck, read_heartbeats, request_stop,
+                             stale_ranks)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
 
@@ -68,7 +69,18 @@ def exit_code(run_dir: Path, launcher_code: int) -> int:
         return launcher_code
     if recorded == EXIT_RESUME_ME or launcher_code == 0:
         return recorded
+    if recorded == EXIT_OK and all_ranks_done(run_dir):
+        # Rank 0 records 0 only after the last step, checkpoint and export; with every rank's last
+        # heartbeat "done", nothing was left to lose: a crash while tearing down is reported, not failed.
+        print(f"[shardtune] every rank finished, but one exited {launcher_code} while shutting down; "
+              "the run is complete", file=sys.stderr, flush=True)
+        return EXIT_OK
     return launcher_code
+
+
+def all_ranks_done(run_dir: Path) -> bool:
+    beats = read_heartbeats(run_dir)
+    return bool(beats) and all(b.get("phase") == "done" for b in beats)
 
 
 def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_timeout_s: float = 0) -> int:

@@ -74,3 +74,17 @@ def test_processes_of_a_run_are_found_by_their_run_dir(tmp_path):
         sleeper.kill()
         sleeper.wait()
     assert processes_of_run(mine) == []
+
+
+def test_a_crash_while_shutting_down_after_a_finished_run_is_not_a_failure(tmp_path):
+    from launcher.local import exit_code
+
+    (tmp_path / "control").mkdir()
+    (tmp_path / "control" / "exit.json").write_text(json.dumps({"code": 0, "detail": ""}))
+    write_beat(tmp_path, 0, 8, "done", age_s=1, pid=os.getpid())
+    write_beat(tmp_path, 1, 8, "checkpoint", age_s=1, pid=os.getpid())
+    assert exit_code(tmp_path, 250) == 250  # a rank had not finished: a failure
+    write_beat(tmp_path, 1, 8, "done", age_s=1, pid=os.getpid())
+    assert exit_code(tmp_path, 250) == 0  # every rank finished; one aborted in teardown
+    (tmp_path / "control" / "exit.json").write_text("")  # cut short (a full disk)
+    assert exit_code(tmp_path, 1) == 1

@@ -87,4 +87,7 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Every rank tears its connections down together: a rank that destroys the group while a
+        # peer is still finishing can abort at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
