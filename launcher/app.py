@@ -10,7 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -46,7 +46,7 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     from launcher.resume import adapt_to_checkpoint
 
     # Every mode writes the run directory (config.yaml, control/): none may while a launch uses it.
-    refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm")
+    refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm", node=this_node(cfg))
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
     adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
     run_dir = write_run_dir(cfg, on_gpu, overrides)
@@ -65,10 +65,20 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     return launch_local(cfg, run_dir, on_gpu)
 
 
-def refuse_if_in_use(run_dir: Path, slurm: bool = False) -> None:
+def this_node(cfg: RootConfig) -> Optional[str]:
+    """"ADDR:PORT/RANK" for a no-ssh node launcher (whose peers may share this host), else None."""
+    if cfg.cluster.backend == "hostfile" and cfg.cluster.no_ssh:
+        from trainer.control import node_identity
+
+        return node_identity(cfg.cluster.master_addr, cfg.cluster.master_port, cfg.cluster.node_rank)
+    return None
+
+
+def refuse_if_in_use(run_dir: Path, slurm: bool = False, node: Optional[str] = None) -> None:
     """Two launches writing one run directory would interleave checkpoints and metrics: refuse
     while processes of an earlier launch (on this host) are alive, or its Slurm job is queued or
-    running (a requeued job would also read the rewritten config)."""
+    running (a requeued job would also read the rewritten config). A no-ssh node launcher (`node`)
+    does not count the other node ranks of its own rendezvous started on this host."""
     from trainer.control import processes_of_run
 
     if slurm and os.environ.get("SHARDTUNE_BATCH_JOB") is None:  # not from inside our own job script
@@ -80,7 +90,7 @@ def refuse_if_in_use(run_dir: Path, slurm: bool = False) -> None:
                                f"would write the same directory. Wait for it (squeue -j {job[0]}), stop it with a "
                                f"checkpoint (shardtune stop {run_dir}) or cancel it (scancel {job[0]}), then "
                                "submit again: it resumes from the last checkpoint"])
-    alive = processes_of_run(run_dir)
+    alive = processes_of_run(run_dir, node)
     if alive:
         listed = "\n".join(f"    pid {pid}: {command[:160]}" for pid, command in alive[:6])
         raise ConfigError([f"run.dir={run_dir} is in use by {len(alive)} process(es) of an earlier launch:\n{listed}\n"

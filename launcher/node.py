@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 from launcher.local import run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
+from trainer.control import NODE_ENV, node_identity
 
 
 def write_hostfile(path: Path, hosts: Sequence[str], slots: int) -> Path:
@@ -66,7 +67,8 @@ def start_node(cfg: RootConfig, run_dir: Path, on_gpu: bool, node_rank: int, hos
                port: int, use_deepspeed: bool) -> int:
     """Run this node's ranks to the end; a signal to us becomes a checkpoint-and-stop request."""
     argv, extra = node_command(cfg, run_dir, node_rank, hosts, addr, port, use_deepspeed)
-    env = {**worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node), **extra}
+    env = {**worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node), **extra,
+           NODE_ENV: node_identity(addr, port, node_rank)}
     # Ranks must not mistake the launcher task's own Slurm ids for theirs.
     for name in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"):
         env.pop(name, None)

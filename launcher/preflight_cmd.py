@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
-from trainer.preflight import (GB, Estimate, Setup, available_bytes_per_rank, estimate, format_table,
+from trainer.preflight import (Estimate, Setup, available_bytes_per_rank, estimate, format_table,
                                lora_dropout_values, setup_from_config, shape_from_config_dict, verdict,
                                DS_PERSISTENCE_THRESHOLD)
 

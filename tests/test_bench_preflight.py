@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY, shardtune, train, metrics
+from helpers import REPO, shardtune, train, metrics
 from trainer.flops import ModelShape, attention_length, flops_per_token, mfu
-from trainer.preflight import (GB, Estimate, Setup, activation_bytes, estimate, lora_dropout_values,
+from trainer.preflight import (GB, Setup, activation_bytes, estimate, lora_dropout_values,
                                model_state_bytes, shape_from_config_dict, verdict)
 
 SHAPE = ModelShape(params=1000, embedding_params=100, tied_embeddings=False, layers=2, heads=4, kv_heads=2,

@@ -76,6 +76,28 @@ def test_processes_of_a_run_are_found_by_their_run_dir(tmp_path):
     assert processes_of_run(mine) == []
 
 
+def test_a_no_ssh_node_launcher_does_not_count_its_peer_nodes_on_the_same_host(tmp_path):
+    """Two no-ssh node launchers on one host: node 1's ranks are not 'an earlier launch' to node 0
+    (CI once saw node 0 refused this way and node 1 wait 120 s for it), but a leftover of node 0 is."""
+    import os
+    import sys
+
+    from trainer.control import NODE_ENV, node_identity, processes_of_run
+
+    run = tmp_path / "run"
+    node1 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--run-dir", str(run)],
+                             env={**os.environ, NODE_ENV: node_identity("127.0.0.1", 29511, 1)})
+    try:
+        time.sleep(0.3)
+        assert processes_of_run(run, node_identity("127.0.0.1", 29511, 0)) == []  # a peer of this world
+        assert [pid for pid, _ in processes_of_run(run, node_identity("127.0.0.1", 29511, 1))] == [node1.pid]
+        assert [pid for pid, _ in processes_of_run(run, node_identity("127.0.0.1", 29600, 0))] == [node1.pid]
+        assert [pid for pid, _ in processes_of_run(run)] == [node1.pid]  # a single-node launch counts all
+    finally:
+        node1.kill()
+        node1.wait()
+
+
 def test_a_crash_while_shutting_down_after_a_finished_run_is_not_a_failure(tmp_path):
     from launcher.local import exit_code
 

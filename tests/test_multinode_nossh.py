@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 import helpers
 from helpers import REPO, TINY, losses
 from launcher.local import free_port
+from trainer.control import processes_of_run
 
 pytestmark = pytest.mark.distributed
 
@@ -21,9 +23,19 @@ def test_two_node_launchers_form_one_world(tmp_path):
               "eval.general_files=[]", "eval.max_batches=2", "checkpoint.export_final=false",
               "cluster=hostfile", "cluster.no_ssh=true", "cluster.nnodes=2", "cluster.nproc_per_node=1",
               "cluster.master_addr=127.0.0.1", f"cluster.master_port={port}", "cluster.threads_per_rank=1"]
-    nodes = [subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
-                              cwd=REPO, env=helpers.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+
+    def start(rank):
+        return subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
+                                cwd=REPO, env=helpers.subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    # Node 1 first, node 0 once node 1's processes run: node 0 must take them for its peers, not
+    # for an earlier launch still using run.dir (it once refused to start, in CI, on this order).
+    second = start(1)
+    deadline = time.time() + 120
+    while not processes_of_run(run_dir) and second.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    nodes = [start(0), second]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for rank, (node, out) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, metrics, shardtune, train
-from trainer.report_build import write_run_report, write_sweep_report
+from trainer.report_build import write_run_report
 
 FIXTURE = REPO / "tests" / "fixtures" / "report" / "run"
 PLOTS = ["loss_vs_steps.png", "loss_vs_tokens.png", "lr.png", "tokens_per_s.png", "grad_norm.png"]

@@ -112,9 +112,40 @@ def process_state(pid: int) -> str:
             "Z": "zombie"}.get(fields[0], fields[0])
 
 
-def processes_of_run(run_dir: Path) -> list[tuple[int, str]]:
+# Set by a no-ssh node launcher on its processes: "ADDR:PORT/NODE_RANK". On one host standing in
+# for several nodes, the other node ranks of the same rendezvous are peers, not an earlier launch.
+NODE_ENV = "SHARDTUNE_NODE"
+
+
+def node_identity(addr: str, port: int, node_rank: int) -> str:
+    return f"{addr}:{port}/{node_rank}"
+
+
+def node_of(pid: int) -> Optional[str]:
+    """The NODE_ENV value a process was started with, None if none or unreadable."""
+    try:
+        variables = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    prefix = NODE_ENV + "="
+    return next((v[len(prefix):] for v in variables if v.startswith(prefix)), None)
+
+
+def is_peer_node(pid: int, node: Optional[str]) -> bool:
+    """True for a process of another node rank of the rendezvous `node` ("ADDR:PORT/RANK")."""
+    if node is None:
+        return False
+    theirs = node_of(pid)
+    if theirs is None:
+        return False
+    (where, _, rank), (their_where, _, their_rank) = node.rpartition("/"), theirs.rpartition("/")
+    return where == their_where and rank != their_rank
+
+
+def processes_of_run(run_dir: Path, node: Optional[str] = None) -> list[tuple[int, str]]:
     """(pid, command line) of this host's processes started with `--run-dir RUN_DIR` (ranks, and
-    the deepspeed launchers between them and us), from /proc; [] where there is no /proc."""
+    the deepspeed launchers between them and us), from /proc; [] where there is no /proc.
+    With `node` ("ADDR:PORT/RANK"), the processes of the other node ranks of that rendezvous are left out."""
     wanted = str(Path(run_dir).resolve())
     found = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
@@ -125,7 +156,8 @@ def processes_of_run(run_dir: Path) -> list[tuple[int, str]]:
         except OSError:
             continue
         if any(a == "--run-dir" and i + 1 < len(args) and args[i + 1] == wanted for i, a in enumerate(args)) \
-                and process_state(int(entry.name)) not in ("gone", "zombie"):
+                and process_state(int(entry.name)) not in ("gone", "zombie") \
+                and not is_peer_node(int(entry.name), node):
             found.append((int(entry.name), " ".join(a for a in args if a)))
     return found
 
