@@ -46,9 +46,12 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     from launcher.resume import adapt_to_checkpoint
 
     # Every mode writes the run directory (config.yaml, control/): none may while a launch uses it.
-    refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm", node=this_node(cfg))
+    node = this_node(cfg)
+    refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm", node=node)
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
-    adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run")
+    # No-ssh nodes share run.dir: node 0 converts, the others wait for its result.
+    adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run",
+                        converts_here=node is None or cfg.cluster.node_rank == 0)
     run_dir = write_run_dir(cfg, on_gpu, overrides)
     if cfg.run.launch == "spawn":
         print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)

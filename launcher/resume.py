@@ -50,8 +50,9 @@ def keep_global_batch(cfg: RootConfig, saved_global: int, world: int, folder: Pa
             cfg.train.global_batch_size = saved_global
 
 
-def adapt_to_checkpoint(cfg: RootConfig, world: int, convert: bool = True) -> None:
-    """Prepare `cfg` to resume from a checkpoint saved with another world size or stage (in place)."""
+def adapt_to_checkpoint(cfg: RootConfig, world: int, convert: bool = True, converts_here: bool = True) -> None:
+    """Prepare `cfg` to resume from a checkpoint saved with another world size or stage (in place).
+    `converts_here=False` (a no-ssh node launcher other than node 0): wait for node 0's conversion."""
     folder = resume_checkpoint(cfg)
     if folder is None or not (folder / checkpoint.STATE).is_file():
         return
@@ -67,6 +68,7 @@ def adapt_to_checkpoint(cfg: RootConfig, world: int, convert: bool = True) -> No
     _log(f"{folder.name} was saved on {saved_world} rank(s) with ZeRO-{saved_stage}; this launch has {world} "
          f"rank(s) with ZeRO-{cfg.deepspeed.stage}: resuming through a universal checkpoint")
     if convert:
-        converted = universal.to_universal(folder, log=_log)
+        converted = (universal.to_universal(folder, log=_log) if converts_here
+                     else universal.wait_for_universal(folder, cfg.cluster.timeout_s, log=_log))
         cfg.resume = str(converted)
         cfg.deepspeed.extra = {**dict(cfg.deepspeed.extra), "checkpoint": {"load_universal": True}}

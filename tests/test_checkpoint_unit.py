@@ -251,3 +251,34 @@ def test_global_batch_is_kept_or_the_change_refused(tmp_path):
     cfg.train.micro_batch_size = 3
     with pytest.raises(ConfigError, match=r"global batch is 8 samples.*micro_batch_size in \[1, 2, 4, 8\]"):
         keep_global_batch(cfg, saved_global=8, world=1, folder=tmp_path)
+
+
+def test_a_node_waits_for_node_0s_universal_conversion_and_gives_up_when_nothing_moves(tmp_path):
+    """No-ssh node launchers share run.dir: node 0 converts, the others wait (never two writers)."""
+    import threading
+    import time
+
+    from trainer import universal
+
+    source = write_checkpoint(tmp_path / "checkpoints", 4)
+    out = universal.universal_folder(source)
+
+    def node0_converts():  # the way to_universal writes: a .tmp folder, manifest last, renamed into place
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True)
+        for i in range(3):
+            time.sleep(0.5)
+            torch.save({"weights": torch.zeros(8)}, tmp / f"part{i}.pt")
+        checkpoint.write_manifest(tmp)
+        os.replace(tmp, out)
+
+    writer = threading.Thread(target=node0_converts)
+    writer.start()
+    said = []
+    assert universal.wait_for_universal(source, timeout_s=1.2, log=said.append, poll_s=0.1) == out
+    writer.join()
+    assert said and "node 0" in said[0]
+
+    other = write_checkpoint(tmp_path / "checkpoints", 8)  # nobody converts this one
+    with pytest.raises(CheckpointError, match="no universal checkpoint appeared .* node 0's launcher converts"):
+        universal.wait_for_universal(other, timeout_s=0.5, log=said.append, poll_s=0.1)

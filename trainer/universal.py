@@ -74,6 +74,38 @@ def to_universal(folder: Path, log=print) -> Path:
     return out
 
 
+def wait_for_universal(folder: Path, timeout_s: float, log=print, poll_s: float = 2.0) -> Path:
+    """The universal copy of `folder` that another process (node 0's launcher) is writing, once committed.
+
+    No-ssh node launchers share the run directory: one converts, the others wait, so that two
+    conversions never write the same folder. A large model converts for minutes: the wait lasts
+    while the conversion's files keep changing, and ends `timeout_s` after the last change."""
+    out = universal_folder(folder)
+    tmp, last_change, said = out.with_name(out.name + ".tmp"), time.time(), False
+    while not (out.is_dir() and verify(out) is None):
+        last_change = max(last_change, _newest_change(tmp))
+        if time.time() - last_change > timeout_s:
+            raise CheckpointError(f"no universal checkpoint appeared at {out} after {timeout_s:.0f}s without "
+                                  f"progress (cluster.timeout_s): node 0's launcher converts {folder.name} for "
+                                  "all nodes; start it too, or read its output for why the conversion failed")
+        if not said:
+            log(f"waiting for node 0's launcher to convert {folder.name} to a universal checkpoint")
+            said = True
+        time.sleep(poll_s)
+    return out
+
+
+def _newest_change(tree: Path) -> float:
+    """The newest modification time under `tree`, 0 if there is none (files may vanish meanwhile)."""
+    newest = 0.0
+    for path in tree.rglob("*") if tree.is_dir() else []:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
 def make_stage_neutral(out: Path, source: Path) -> None:
     """Rewrite a fresh `ds_to_universal` output so that ZeRO-1, 2 and 3 all load it (see the module doc)."""
     model_states = sorted(out.glob("*model_states.pt"))
