@@ -1,7 +1,6 @@
 """cluster=local: N ranks on this machine through the `deepspeed` launcher (one plain process for N=1)."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -15,8 +14,9 @@ from typing import Dict, List, Tuple
 from launcher.rundir import REPO_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
-from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, control_dir, describe_rank,
-                             describe_stragglers, launcher_identity, likely_stuck, read_heartbeats, request_stop,
+from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank,
+                             describe_stragglers, launcher_identity, likely_stuck, read_heartbeats, record_exit,
+                             recorded_exit, request_stop,
                              stale_ranks)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
@@ -62,10 +62,8 @@ def manual_commands(run_dir: Path, nproc: int) -> List[str]:
 
 def exit_code(run_dir: Path, launcher_code: int) -> int:
     """The launcher's code, except that a clean stop is always reported as 'resume me'."""
-    status = control_dir(run_dir) / "exit.json"
-    try:
-        recorded = json.loads(status.read_text())["code"]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or cut short by a full disk
+    recorded = recorded_exit(run_dir)
+    if recorded is None:
         return launcher_code
     if recorded == EXIT_RESUME_ME or launcher_code == 0:
         return recorded
@@ -136,8 +134,7 @@ def report_hang(run_dir: Path, heartbeat_timeout_s: float) -> None:
               f"stuck: {culprit}\n{describe_stragglers(run_dir)}")
     print(f"[shardtune] {detail}\n[shardtune] ending the job (exit code {EXIT_HUNG}); resume to continue "
           "from the last checkpoint", file=sys.stderr, flush=True)
-    control_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    (control_dir(run_dir) / "exit.json").write_text(json.dumps({"code": EXIT_HUNG, "detail": detail}))
+    record_exit(run_dir, EXIT_HUNG, detail)
 
 
 def _kill_job(process: subprocess.Popen) -> None:

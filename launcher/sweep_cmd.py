@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from trainer.control import EXIT_RESUME_ME
+from trainer.control import EXIT_RESUME_ME, control_dir, recorded_exit
 
 TRIAL_FILE = "trial.json"
 
@@ -69,10 +69,9 @@ def current_status(trial: dict, run_dir: Path) -> str:
     """A Slurm trial's status is known only later, from the run's own exit record."""
     if trial["status"] != "submitted":
         return trial["status"]
-    exit_file = run_dir / "control" / "exit.json"
-    if not exit_file.exists():
+    if not (control_dir(run_dir) / "exit.json").exists():
         return "running" if (run_dir / "metrics.jsonl").exists() else "pending"
-    code = json.loads(exit_file.read_text())["code"]
+    code = recorded_exit(run_dir)  # None: cut short (a full disk), counted as failed
     return "completed" if code == 0 else "stopped" if code == EXIT_RESUME_ME else "failed"
 
 

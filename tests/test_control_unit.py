@@ -110,3 +110,16 @@ def test_a_crash_while_shutting_down_after_a_finished_run_is_not_a_failure(tmp_p
     assert exit_code(tmp_path, 250) == 0  # every rank finished; one aborted in teardown
     (tmp_path / "control" / "exit.json").write_text("")  # cut short (a full disk)
     assert exit_code(tmp_path, 1) == 1
+
+
+def test_an_exit_record_cut_short_reads_as_none_and_a_sweep_trial_as_failed(tmp_path):
+    from launcher.sweep_cmd import current_status
+    from trainer.control import EXIT_HUNG, control_dir, record_exit, recorded_exit
+
+    assert recorded_exit(tmp_path) is None
+    record_exit(tmp_path, EXIT_HUNG, "rank 1 silent")
+    assert recorded_exit(tmp_path) == EXIT_HUNG
+    assert not list(control_dir(tmp_path).glob("*.tmp"))  # written through a temporary file, then renamed
+    (control_dir(tmp_path) / "exit.json").write_text('{"code": ')  # what a full disk leaves
+    assert recorded_exit(tmp_path) is None
+    assert current_status({"status": "submitted"}, tmp_path) == "failed"

@@ -26,6 +26,22 @@ def control_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "control"
 
 
+def record_exit(run_dir: Path, code: int, detail: str = "") -> None:
+    """control/exit.json: how the run ended, for the launcher (atomic: a reader never sees half of it)."""
+    from trainer.checkpoint import write_atomic
+
+    control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    write_atomic(control_dir(run_dir) / "exit.json", json.dumps({"code": code, "detail": detail}))
+
+
+def recorded_exit(run_dir: Path) -> Optional[int]:
+    """The code in control/exit.json; None if there is none, or it was cut short (a full disk)."""
+    try:
+        return int(json.loads((control_dir(run_dir) / "exit.json").read_text())["code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def stop_file(run_dir: Path) -> Path:
     return control_dir(run_dir) / "stop"
 

@@ -19,7 +19,7 @@ import torch
 from trainer import checkpoint
 from trainer.allocator import in_use as allocator_in_use
 from trainer.config import RootConfig, load_run_config
-from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers
+from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers, record_exit
 from trainer.distributed import DistInfo, init_distributed, shutdown
 
 
@@ -122,8 +122,7 @@ def write_exit(run_dir: Path, info: DistInfo, code: int, detail: str = "") -> No
     then goes by the process's own exit code."""
     if info.is_main:
         try:
-            control_dir(run_dir).mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomic(control_dir(run_dir) / "exit.json", json.dumps({"code": code, "detail": detail}))
+            record_exit(run_dir, code, detail)
         except OSError as err:
             print(f"[shardtune] could not record the exit code in {control_dir(run_dir)}: {err}", file=sys.stderr)
 
