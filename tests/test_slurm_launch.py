@@ -62,3 +62,23 @@ def test_hostfile_lines_and_node_commands(tmp_path):
     argv, env = node_command(cfg, tmp_path, 1, ["a", "b"], "10.0.0.1", 29500, use_deepspeed=False)
     assert env == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "LOCAL_RANK": "0",
                    "WORLD_SIZE": "2"}
+
+
+def test_over_ssh_rank_0_listens_where_the_other_hosts_can_reach_it(tmp_path, capsys):
+    from launcher.hostfile import rendezvous_address, ssh_command
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=2\nnode-b slots=2\n")
+    cfg = compose(["cluster=hostfile", "cluster.no_ssh=false", f"cluster.hostfile={hosts}", "cluster.ssh_port=2222",
+                   f"run.dir={tmp_path}"])
+    assert cfg.cluster.master_addr == "127.0.0.1"  # as shipped, for no-ssh runs on one machine
+    assert rendezvous_address(cfg, ["node-a", "node-b"]) == "node-a"  # loopback: unreachable from node-b
+    assert "loopback" in capsys.readouterr().err
+    assert rendezvous_address(cfg, ["localhost", "127.0.0.1"]) == "127.0.0.1"  # every host is this machine
+    cfg.cluster.master_addr = "10.0.0.7"
+    assert rendezvous_address(cfg, ["node-a", "node-b"]) == "10.0.0.7"  # the user's choice stands
+    argv = ssh_command(cfg, tmp_path, ["node-a", "node-b"])
+    assert argv[argv.index("--ssh_port") + 1] == "2222" and "--no_ssh_check" in argv
+    assert argv[argv.index("--master_addr") + 1] == "10.0.0.7"
+    with pytest.raises(ConfigError, match="cluster.ssh_port=70000 is not a port"):
+        compose(["cluster=hostfile", "cluster.no_ssh=false", f"cluster.hostfile={hosts}", "cluster.ssh_port=70000"])

@@ -180,6 +180,7 @@ class ClusterConfig:
     hostfile: Optional[str] = None  # cluster=hostfile: "host slots=N" lines, as for the deepspeed launcher
     no_ssh: bool = False  # cluster=hostfile: run the same command on every node with its cluster.node_rank
     ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
+    ssh_port: Optional[int] = None  # cluster=hostfile over ssh: sshd's port on the hosts; None: ssh's default
     device: str = "auto"  # auto | cpu | cuda
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
     # auto (CPU: tcmalloc, else jemalloc, when installed; else glibc) | tcmalloc | jemalloc | glibc:

@@ -258,6 +258,8 @@ def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
         if not c.no_ssh and not c.hostfile:
             problems.append("cluster=hostfile needs cluster.hostfile=PATH (lines 'host slots=N'), "
                             "or cluster.no_ssh=true with cluster.node_rank")
+        if c.ssh_port is not None and not 0 < c.ssh_port < 65536:
+            problems.append(f"cluster.ssh_port={c.ssh_port} is not a port: 1-65535, or null for ssh's default")
         if c.hostfile and not os.path.isfile(os.path.expanduser(c.hostfile)):
             problems.append(f"cluster.hostfile={c.hostfile!r} is not a file")
 
