@@ -57,6 +57,9 @@ def adapt_to_checkpoint(cfg: RootConfig, world: int, convert: bool = True, conve
     if folder is None or not (folder / checkpoint.STATE).is_file():
         return
     state = checkpoint.read_state(folder)
+    problem = checkpoint.layout_problem(state["layout"], cfg, folder) if "layout" in state else None
+    if problem:
+        raise ConfigError([problem])
     saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
     if saved_world in (None, world) and saved_stage in (None, cfg.deepspeed.stage):
         return

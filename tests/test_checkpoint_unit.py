@@ -282,3 +282,34 @@ def test_a_node_waits_for_node_0s_universal_conversion_and_gives_up_when_nothing
     other = write_checkpoint(tmp_path / "checkpoints", 8)  # nobody converts this one
     with pytest.raises(CheckpointError, match="no universal checkpoint appeared .* node 0's launcher converts"):
         universal.wait_for_universal(other, timeout_s=0.5, log=said.append, poll_s=0.1)
+
+
+def test_a_resume_with_another_model_or_adapter_is_refused_before_launch(tmp_path):
+    """The checkpoint records what it holds; a launch that builds something else is stopped by the
+    launcher with the differing keys (before: DeepSpeed's key-mismatch traceback on every rank, or,
+    for a base model of the same shapes, a silent resume of the old weights)."""
+    from helpers import shardtune
+    from launcher.app import compose
+
+    lora = compose(["peft=lora", "peft.r=8", f"run.dir={tmp_path}"])
+    folder = write_checkpoint(tmp_path / "checkpoints", 4)
+    state = json.loads((folder / checkpoint.STATE).read_text())
+    (folder / checkpoint.STATE).write_text(json.dumps({**state, "layout": checkpoint.layout_of(lora)}))
+    checkpoint.write_manifest(folder)
+    assert checkpoint.layout_problem(checkpoint.layout_of(lora), lora, folder) is None
+    here, moved = (compose(["peft=lora", f"model.name_or_path={where}/llama-8b"], validate_files=False)
+                   for where in ("/data/models", "/mnt/scratch"))
+    assert checkpoint.layout_problem(checkpoint.layout_of(here), moved, folder) is None  # the same model, moved
+    assert "model.name_or_path: saved 'builtin:tiny-llama', now 'llama-8b'" in \
+        checkpoint.layout_problem(checkpoint.layout_of(lora), moved, folder)
+    other_lr = compose(["peft=lora", "peft.r=8", "optim.lr=1e-3", "peft.alpha=64"])
+    assert checkpoint.layout_problem(checkpoint.layout_of(lora), other_lr, folder) is None  # same parameters
+
+    proc = shardtune("train", f"run.dir={tmp_path}", "peft=lora", "peft.r=16", "run.launch=dry_run")
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "peft.r: saved 8, now 16" in proc.stdout and str(folder) in proc.stdout, proc.stdout[-2000:]
+    proc = shardtune("train", f"run.dir={tmp_path}", "peft=none", "run.launch=dry_run")
+    assert proc.returncode == 2 and "peft.method: saved 'lora', now 'none'" in proc.stdout, proc.stdout[-2000:]
+    assert "peft.r" not in proc.stdout.split("cannot resume")[1].split("resume with")[0]  # only what applies
+    proc = shardtune("train", f"run.dir={tmp_path}", "peft=lora", "peft.r=8", "run.launch=dry_run")
+    assert proc.returncode == 0, proc.stdout[-2000:]

@@ -235,6 +235,45 @@ def read_state(folder: Path) -> Dict[str, Any]:
     return json.loads((Path(folder) / STATE).read_text())
 
 
+# ---------------------------------------------------------------- what a checkpoint holds
+
+# The settings that decide which parameters (and optimizer moments) a checkpoint holds. Resuming
+# with others fails deep inside DeepSpeed on every rank, or, worse, loads (the shapes agree: a
+# different base model of one architecture) and trains on the checkpoint's weights unannounced.
+LAYOUT_KEYS = {"none": (), "lora": ("r", "target_modules", "modules_to_save"),
+               "dora": ("r", "target_modules", "modules_to_save"), "ia3": ("target_modules", "modules_to_save"),
+               "prefix_tuning": ("num_virtual_tokens",)}
+
+
+def _model_name(name_or_path: str) -> str:
+    """A local model folder by its name, so that a moved or re-mounted folder is the same model."""
+    return Path(name_or_path).name if os.sep in name_or_path else name_or_path
+
+
+def layout_of(cfg) -> Dict[str, Any]:
+    """{config key: value} for the settings in LAYOUT_KEYS (saved with every checkpoint)."""
+    layout = {"model.name_or_path": _model_name(cfg.model.name_or_path), "model.gguf_file": cfg.model.gguf_file,
+              "model.frozen_modules": list(cfg.model.frozen_modules), "peft.method": cfg.peft.method}
+    for key in LAYOUT_KEYS.get(cfg.peft.method, ()):
+        value = getattr(cfg.peft, key)
+        layout[f"peft.{key}"] = value if isinstance(value, (str, int)) or value is None else list(value)
+    return layout
+
+
+def layout_problem(saved: Dict[str, Any], cfg, folder: Path) -> Optional[str]:
+    """Why `folder` (saved with the layout `saved`) cannot be resumed with `cfg`, or None."""
+    now = layout_of(cfg)
+    # Keys of one side only belong to another peft method, whose difference is listed already.
+    differ = [key for key in sorted(set(saved) & set(now)) if saved[key] != now[key]]
+    if not differ:
+        return None
+    listed = "\n".join(f"    {key}: saved {saved.get(key)!r}, now {now.get(key)!r}" for key in differ)
+    return (f"cannot resume {folder}: it holds the parameters of another model or adapter than this launch "
+            f"builds:\n{listed}\n  resume with the saved values; or start afresh (resume=never, or another "
+            "run.dir); or, to begin a new run from its weights, export them (shardtune export) and point "
+            "model.name_or_path at the export")
+
+
 # ---------------------------------------------------------------- save and load
 def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: DistInfo, keep_last: int,
          check_finite: bool = True) -> Path:

@@ -171,8 +171,8 @@ def default_evaluator(ctx: TrainContext, step: int) -> None:
 def _save(ctx: TrainContext, state: LoopState) -> None:
     ctx.heartbeat.beat(state.step, "checkpoint")
     started = time.perf_counter()
-    folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, state.to_dict(ctx.sampler, ctx.info.world_size),
-                             ctx.info, ctx.cfg.checkpoint.keep_last)
+    saved = {**state.to_dict(ctx.sampler, ctx.info.world_size), "layout": checkpoint.layout_of(ctx.cfg)}
+    folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.2f}s ({size / 2**20:.1f} MiB)")
 

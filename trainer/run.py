@@ -84,7 +84,9 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     resume_from = find_resume(run_dir, cfg, log)
     if resume_from is not None:
         load_started = time.perf_counter()
-        state = LoopState.from_dict(checkpoint.load(engine, resume_from, info))
+        loaded = checkpoint.load(engine, resume_from, info)
+        state = LoopState.from_dict(loaded)
+        warn_if_data_changed(loaded.get("data", {}), sampler, log)
         log(f"resumed from {resume_from} at step {state.step} (loaded in {time.perf_counter() - load_started:.2f}s)")
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
@@ -103,6 +105,17 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
 
         ctx.on_finish = export_final  # HF model / adapter in <run.dir>/export, gathered under ZeRO-3
     return ctx, state
+
+
+def warn_if_data_changed(saved: dict, sampler, log) -> None:
+    """Another dataset (or data seed) under a resumed run: allowed (a new data phase), but the
+    loss curve is no longer the uninterrupted run's, so say it."""
+    now = sampler.state_dict(0)
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in ("num_samples", "seed")
+               if key in saved and saved[key] != now[key]]
+    if changed:
+        log(f"warning: the training data differs from the checkpoint's ({', '.join(changed)}): resuming at the "
+            "same step in another sample order; the loss curve will not continue the interrupted run's")
 
 
 def find_resume(run_dir: Path, cfg: RootConfig, log):
