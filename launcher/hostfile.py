@@ -84,8 +84,7 @@ def unreachable_hosts(hosts: List[str], options: List[str], timeout_s: int = 20)
 
 def ssh_problem(cfg: RootConfig, hosts: List[str]) -> Optional[str]:
     """Why the launch over ssh cannot start (a tool missing, a host unreachable), or None."""
-    tool = {"pdsh": "pdsh", "openmpi": "mpirun", "mvapich": "mpirun", "mpich": "mpirun", "impi": "mpirun"}
-    for program in ("ssh", tool.get(cfg.cluster.ssh_launcher, "ssh")):
+    for program in ["ssh"] + (["pdsh"] if cfg.cluster.ssh_launcher == "pdsh" else []):  # MPI: its launcher says
         if not shutil.which(program):
             return (f"cluster.ssh_launcher={cfg.cluster.ssh_launcher} needs `{program}` on this machine's PATH; "
                     f"install it, or run without ssh (cluster.no_ssh=true, docs/multinode.md)")
