@@ -6,7 +6,10 @@ recorded in its run directory and the sweep goes on.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -43,11 +46,19 @@ def has_cuda(cfg: RootConfig) -> bool:
 
 def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     """Write the run directory and start the workers with the configured backend."""
-    from launcher.resume import adapt_to_checkpoint
 
     # Every mode writes the run directory (config.yaml, control/): none may while a launch uses it.
     node = this_node(cfg)
+    # First the live processes (ranks that outlived a killed launcher hold no lock; the message
+    # lists them), then the lock (a launch started in the same second has no ranks yet).
     refuse_if_in_use(Path(cfg.run.dir).expanduser(), slurm=cfg.cluster.backend == "slurm", node=node)
+    with launch_lock(Path(cfg.run.dir).expanduser(), shared_by_nodes=node is not None):
+        return _launch(cfg, on_gpu, overrides, node)
+
+
+def _launch(cfg: RootConfig, on_gpu: bool, overrides: List[str], node: Optional[str]) -> int:
+    from launcher.resume import adapt_to_checkpoint
+
     # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
     # No-ssh nodes share run.dir: node 0 converts, the others wait for its result.
     adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run",
@@ -66,6 +77,41 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     from launcher.local import launch_local
 
     return launch_local(cfg, run_dir, on_gpu)
+
+
+@contextlib.contextmanager
+def launch_lock(run_dir: Path, shared_by_nodes: bool = False):
+    """Hold an exclusive lock on <run.dir>/control/launch.lock while this launcher runs: two launches
+    started in the same second both pass the process check, but only one gets the lock (the
+    kernel drops it when the launcher dies, however it dies). No-ssh node launchers share run.dir and
+    take none; on a file system without locks the process check (refuse_if_in_use) is what remains."""
+    if shared_by_nodes:
+        yield
+        return
+    path = run_dir / "control" / "launch.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError:
+        yield  # run_dir_problem has already said whether run.dir can be written at all
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another launcher"
+            raise ConfigError([f"run.dir={run_dir} is in use by the launch of {holder} (it holds {path}): "
+                               f"wait for it, or stop it with a checkpoint (shardtune stop {run_dir}), then run "
+                               "the same command to resume"]) from None
+        except OSError:
+            pass  # no flock on this file system (some Lustre mounts): the process check still runs
+        else:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{socket.gethostname()}:{os.getpid()}\n")
+            handle.flush()
+        yield
 
 
 def this_node(cfg: RootConfig) -> Optional[str]:

@@ -123,3 +123,22 @@ def test_an_exit_record_cut_short_reads_as_none_and_a_sweep_trial_as_failed(tmp_
     (control_dir(tmp_path) / "exit.json").write_text('{"code": ')  # what a full disk leaves
     assert recorded_exit(tmp_path) is None
     assert current_status({"status": "submitted"}, tmp_path) == "failed"
+
+
+def test_a_second_launch_is_refused_while_the_first_launcher_holds_the_run_lock(tmp_path):
+    """Two launches in the same second both find no live rank yet; the lock lets only one through."""
+    import os
+    import socket
+
+    from helpers import shardtune
+    from launcher.app import launch_lock
+
+    with launch_lock(tmp_path):
+        proc = shardtune("train", f"run.dir={tmp_path}", "run.launch=dry_run")
+        assert proc.returncode == 2, proc.stdout[-2000:]
+        assert f"in use by the launch of {socket.gethostname()}:{os.getpid()}" in proc.stdout, proc.stdout[-2000:]
+        assert not (tmp_path / "config.yaml").exists()  # the refused launch wrote nothing
+        with launch_lock(tmp_path, shared_by_nodes=True):  # no-ssh node launchers take none
+            pass
+    proc = shardtune("train", f"run.dir={tmp_path}", "run.launch=dry_run")
+    assert proc.returncode == 0, proc.stdout[-2000:]
