@@ -46,7 +46,6 @@ def has_cuda(cfg: RootConfig) -> bool:
 
 def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
     """Write the run directory and start the workers with the configured backend."""
-
     # Every mode writes the run directory (config.yaml, control/): none may while a launch uses it.
     node = this_node(cfg)
     # First the live processes (ranks that outlived a killed launcher hold no lock; the message
@@ -148,6 +147,8 @@ def refuse_if_in_use(run_dir: Path, slurm: bool = False, node: Optional[str] = N
 
 
 def _task(node: DictConfig) -> int:
+    from trainer.checkpoint import CheckpointError  # here: torch is imported only by commands that train
+
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:  # each trial is a run of its own inside the sweep directory
@@ -166,6 +167,9 @@ def _task(node: DictConfig) -> int:
     except ConfigError as err:
         print(f"shardtune: {err}", file=sys.stderr)
         code = 2
+    except CheckpointError as err:  # a resume's conversion failed, or node 0's never came: said, not a traceback
+        print(f"shardtune: {err}", file=sys.stderr)
+        code = 1
     except (Exception, SystemExit) as err:
         if not multirun:
             raise

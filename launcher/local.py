@@ -14,10 +14,9 @@ from typing import Dict, List, Tuple
 from launcher.rundir import REPO_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
-from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank,
-                             describe_stragglers, launcher_identity, likely_stuck, read_heartbeats, record_exit,
-                             recorded_exit, request_stop,
-                             stale_ranks)
+from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank, describe_stragglers,
+                             launcher_identity, likely_stuck, read_heartbeats, record_exit, recorded_exit,
+                             request_stop, stale_ranks)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
 

@@ -267,7 +267,7 @@ def layout_problem(saved: Dict[str, Any], cfg, folder: Path) -> Optional[str]:
     differ = [key for key in sorted(set(saved) & set(now)) if saved[key] != now[key]]
     if not differ:
         return None
-    listed = "\n".join(f"    {key}: saved {saved.get(key)!r}, now {now.get(key)!r}" for key in differ)
+    listed = "\n".join(f"    {key}: saved {saved[key]!r}, now {now[key]!r}" for key in differ)
     return (f"cannot resume {folder}: it holds the parameters of another model or adapter than this launch "
             f"builds:\n{listed}\n  resume with the saved values; or start afresh (resume=never, or another "
             "run.dir); or, to begin a new run from its weights, export them (shardtune export) and point "
