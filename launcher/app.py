@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -84,10 +83,12 @@ def launch_lock(run_dir: Path, shared_by_nodes: bool = False):
     started in the same second both pass the process check, but only one gets the lock (the
     kernel drops it when the launcher dies, however it dies). No-ssh node launchers share run.dir and
     take none; on a file system without locks the process check (refuse_if_in_use) is what remains."""
+    from trainer.control import control_dir, launcher_identity
+
     if shared_by_nodes:
         yield
         return
-    path = run_dir / "control" / "launch.lock"
+    path = control_dir(run_dir) / "launch.lock"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
@@ -108,7 +109,7 @@ def launch_lock(run_dir: Path, shared_by_nodes: bool = False):
         else:
             handle.seek(0)
             handle.truncate()
-            handle.write(f"{socket.gethostname()}:{os.getpid()}\n")
+            handle.write(launcher_identity() + "\n")
             handle.flush()
         yield
 
