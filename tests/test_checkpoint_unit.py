@@ -284,6 +284,33 @@ def test_a_node_waits_for_node_0s_universal_conversion_and_gives_up_when_nothing
         universal.wait_for_universal(other, timeout_s=0.5, log=said.append, poll_s=0.1)
 
 
+def test_watching_a_conversion_survives_its_folder_being_renamed_into_place(tmp_path):
+    """CI once failed here: the .tmp folder was renamed while the waiting node listed it
+    (FileNotFoundError from rglob). A writer renames a folder in a loop while we watch it."""
+    import shutil
+    import threading
+
+    from trainer import universal
+
+    tmp, out, stop = tmp_path / "u.tmp", tmp_path / "u", threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            (tmp / "zero").mkdir(parents=True)
+            (tmp / "zero" / "part.pt").write_bytes(b"x")
+            os.replace(tmp, out)
+            shutil.rmtree(out)
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        seen = [universal._newest_change(tmp) for _ in range(3000)]
+    finally:
+        stop.set()
+        writer.join()
+    assert any(seen), "the watcher never saw the folder: the race was not exercised"
+
+
 def test_a_resume_with_another_model_or_adapter_is_refused_before_launch(tmp_path):
     """The checkpoint records what it holds; a launch that builds something else is stopped by the
     launcher with the differing keys (before: DeepSpeed's key-mismatch traceback on every rank, or,

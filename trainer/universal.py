@@ -96,13 +96,17 @@ def wait_for_universal(folder: Path, timeout_s: float, log=print, poll_s: float 
 
 
 def _newest_change(tree: Path) -> float:
-    """The newest modification time under `tree`, 0 if there is none (files may vanish meanwhile)."""
+    """The newest modification time under `tree`, 0 if there is none.
+
+    The writer renames the folder into place while this runs: os.walk skips a folder that
+    vanished (rglob raised), and a file gone between listing and stat is skipped too."""
     newest = 0.0
-    for path in tree.rglob("*") if tree.is_dir() else []:
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except OSError:
-            continue
+    for root, _dirs, files in os.walk(tree):
+        for path in [root] + [os.path.join(root, name) for name in files]:
+            try:
+                newest = max(newest, os.stat(path).st_mtime)
+            except OSError:
+                continue
     return newest
 
 
