@@ -43,6 +43,42 @@ def test_loss_on_last_turn_and_all(tok, tmp_path):
     assert everything["labels"][1:] == everything["input_ids"][1:]
 
 
+# Qwen3's way, reduced: turns after the last user message show their thinking, earlier turns only
+# their answer, so turn 1 renders one way alone and another inside the whole conversation.
+REASONING_TEMPLATE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set answer = m.content.split('</think>')[-1].strip() -%}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{%- set thinking = m.content.split('</think>')[0].split('<think>')[-1].strip() if '</think>' in m.content else '' -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + thinking + '\\n</think>\\n\\n' + answer + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>assistant\\n' + answer + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif -%}")
+
+
+def test_reasoning_template_that_drops_earlier_thinking_trains_every_turn():
+    """Before: 'the chat template does not render conversations prefix by prefix' for any
+    multi-turn chat with such a template (Qwen3), unless loss_on=last_turn."""
+    from trainer.data.render import chat_spans
+
+    tokenizer = build_tokenizer(ModelConfig(name_or_path="builtin:tiny-llama"))
+    tokenizer.chat_template = REASONING_TEMPLATE
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>two and two</think>\n\nFour."},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "<think>three and three</think>Six."}]
+    rendered = chat_spans(tokenizer, messages, "assistant", "chat.jsonl:1")
+    assert "two and two" not in rendered.text and "three and three" in rendered.text
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [
+        "Four.<|im_end|>\n", "<think>\nthree and three\n</think>\n\nSix.<|im_end|>\n"]
+    last = chat_spans(tokenizer, messages, "last_turn", "chat.jsonl:1")
+    assert last.spans == rendered.spans[1:]
+
+
 def test_unicode_and_tool_messages_are_kept(tok, tmp_path):
     ds = load(tok, tmp_path, [FIX + "messages.jsonl"])
     assert trained_text(tok, ds[2]) == "« Bonjour » se dit こんにちは (konnichiwa). 😊<|im_end|>\n"

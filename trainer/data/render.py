@@ -63,15 +63,43 @@ def chat_spans(tokenizer, messages: Sequence[Dict], loss_on: str, where: str) ->
         turns = turns[-1:]
     # An assistant message with "weight": 0 (OpenAI's fine-tuning format) is context, not a target.
     turns = [i for i in turns if messages[i].get("weight", 1) != 0]
-    spans = []
-    for i in turns:
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
-        if not (text.startswith(through) and through.startswith(before)):
-            raise DataError(where, "the chat template does not render conversations prefix by prefix, so "
-                                   "assistant turns cannot be located; use data.loss_on=last_turn or all", "template")
-        spans.append((len(before), len(through)))
-    return Rendered(text, spans, False, False)
+    return Rendered(text, [_turn_span(tokenizer, messages, i, text, where) for i in turns], False, False)
+
+
+def _turn_span(tokenizer, messages: Sequence[Dict], i: int, text: str, where: str) -> Tuple[int, int]:
+    """The characters of `text` (the whole conversation rendered) that assistant turn i adds:
+    its content and the template's end-of-turn text after it."""
+    before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+    through = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
+    if text.startswith(before) and through.startswith(before):
+        if text.startswith(through):
+            return len(before), len(through)
+        # The turn renders otherwise once later turns follow it: reasoning templates (Qwen3, DeepSeek-R1)
+        # drop an earlier turn's thinking block. Find the turn's content in the whole text instead.
+        span = _find_turn(messages[i]["content"] or "", text, through, len(before))
+        if span:
+            return span
+    raise DataError(where, f"the chat template renders assistant turn {i} differently inside the whole "
+                           "conversation than on its own, and its text could not be located; use "
+                           "data.loss_on=last_turn (trains the final turn) or all", "template")
+
+
+def _find_turn(content: str, text: str, through: str, start: int):
+    """(start, end) of a turn whose text begins at `start` of `text`: its content (or what a reasoning
+    template keeps of it, the answer after the thinking) followed by the end-of-turn text that
+    `through`, the turn rendered last, has after its content. None when not found."""
+    for shown in dict.fromkeys((content, content.split("</think>")[-1].strip(), content.strip())):
+        cut = through.rfind(shown)
+        if not shown or cut < 0:
+            continue
+        end_of_turn = through[cut + len(shown):]
+        at = text.find(shown, start)
+        while at >= 0:
+            end = at + len(shown)
+            if text.startswith(end_of_turn, end):
+                return start, end + len(end_of_turn)
+            at = text.find(shown, at + 1)
+    return None
 
 
 def render(canonical: Tuple, tokenizer, loss_on: str, where: str) -> Rendered:
