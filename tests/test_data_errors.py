@@ -10,7 +10,7 @@ from trainer.model import build_tokenizer
 
 BAD = "tests/fixtures/data/bad/"
 CASES = [  # file, line, reason, words of the message
-    ("malformed_json.jsonl", 2, "malformed_json", "malformed JSON: Expecting ',' delimiter at column 1"),
+    ("malformed_json.jsonl", 2, "malformed_json", "malformed JSON: Expecting ',' delimiter at column 54 (the line ends early)"),
     ("missing_field.jsonl", 2, "missing_field", "missing field 'messages' (format messages)"),
     ("unknown_role.jsonl", 3, "unknown_role", "message 1 has unknown role 'narrator'; valid roles: system, user"),
     ("empty_conversation.jsonl", 2, "empty_conversation", "empty conversation"),

@@ -158,8 +158,11 @@ def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
                 continue
             try:
                 yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, DataError(where, f"malformed JSON: {err.msg} at column {err.colno}", "malformed_json")
+            except json.JSONDecodeError as err:  # the line's own column: the newline would count as a line
+                column = min(err.pos, len(line.rstrip("\r\n"))) + 1
+                yield where, DataError(where, f"malformed JSON: {err.msg} at column {column}"
+                                              f"{' (the line ends early)' if column > len(line.rstrip()) else ''}",
+                                       "malformed_json")
 
 
 def _read_json(source: Source) -> Iterator[Tuple[str, object]]:
