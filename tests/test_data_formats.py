@@ -109,6 +109,21 @@ def test_prompt_completion_csv_trains_on_completion_plus_eos(tok, tmp_path):
     assert tok.decode(ds[1]["input_ids"]) == 'He said, "hello, world" — twice.<|im_end|>'
 
 
+def test_a_python_tokenizer_without_offsets_masks_by_pieces(tmp_path):
+    """Custom-code tokenizers are Python ones: they ignore return_offsets_mapping (before: KeyError
+    'offset_mapping' while preparing data). ByT5's is one, and it adds its own EOS."""
+    from transformers import ByT5Tokenizer
+
+    byt5 = ByT5Tokenizer()
+    assert not byt5.is_fast
+    ds = load(byt5, tmp_path, [FIX + "prompt_completion.csv"])
+    assert trained_text(byt5, ds[0]) == " Paris.</s>"  # its own EOS, trained, not a second one
+    assert byt5.decode(ds[0]["input_ids"]) == "The capital of France is Paris.</s>"
+    text = load(byt5, tmp_path, [FIX + "text.jsonl"], format="text")[0]
+    assert text["labels"][0] == IGNORE and text["labels"][1:] == text["input_ids"][1:]  # every token
+    assert text["input_ids"][-1] == byt5.eos_token_id and text["input_ids"][-2] != byt5.eos_token_id
+
+
 def test_text_trains_on_every_token(tok, tmp_path):
     ds = load(tok, tmp_path, [FIX + "text.jsonl"])
     row = ds[1]

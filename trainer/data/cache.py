@@ -24,7 +24,7 @@ from trainer.config import DataConfig
 from trainer.data.errors import DataError
 
 # Bump when the prepared format or the rendering rules change: old entries then miss.
-PIPELINE_VERSION = 4
+PIPELINE_VERSION = 5
 SETTINGS = ("format", "fields", "loss_on", "max_seq_len", "length_policy", "on_error")
 
 

@@ -117,6 +117,8 @@ def render(canonical: Tuple, tokenizer, loss_on: str, where: str) -> Rendered:
 def tokenize(tokenizer, items: List[Rendered]) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Rendered samples -> (ids int32, trained uint8) per sample, with one batched tokenizer call
     per kind (the fast tokenizer parallelises a batch in Rust)."""
+    if not getattr(tokenizer, "is_fast", True):
+        return [_encode_in_pieces(tokenizer, item) for item in items]
     out: List = [None] * len(items)
     for special in (False, True):
         chosen = [i for i, item in enumerate(items) if item.special == special]
@@ -137,10 +139,39 @@ def _mask(item: Rendered, ids: List[int], offsets, eos_id) -> Tuple[np.ndarray, 
     trained = np.zeros(len(ids_arr), dtype=bool)
     for lo, hi in item.spans:
         trained |= (starts >= lo) & (ends <= hi) & (ends > starts)
+    return _learn_to_stop(item, ids_arr, trained, eos_id)
+
+
+def _learn_to_stop(item: Rendered, ids: np.ndarray, trained: np.ndarray, eos_id) -> Tuple[np.ndarray, np.ndarray]:
+    """Plain text and completions end on a trained EOS: the tokenizer's own if it adds one (T5-like
+    tokenizers do), else one appended."""
     if item.eos and eos_id is not None:
-        ids_arr = np.append(ids_arr, np.int32(eos_id))
-        trained = np.append(trained, True)
-    return ids_arr, trained.astype(np.uint8)
+        if len(ids) and ids[-1] == eos_id and not trained[-1]:
+            trained = trained.copy()
+            trained[-1] = True
+        else:
+            ids, trained = np.append(ids, np.int32(eos_id)), np.append(trained, True)
+    return ids, trained.astype(np.uint8)
+
+
+def _encode_in_pieces(tokenizer, item: Rendered) -> Tuple[np.ndarray, np.ndarray]:
+    """Python tokenizers (custom-code ones) give no character offsets: encode the text piece by
+    piece, cut at the trained spans' edges, so a mask edge is always a token edge. (A tokenizer
+    that marks each call's first word, as SentencePiece does, may split a piece's first word
+    otherwise than inside the whole text; the fast tokenizer's offsets avoid that.)"""
+    cuts = sorted({0, len(item.text), *(edge for span in item.spans for edge in span)})
+    ids: List[int] = []
+    trained: List[bool] = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        piece = tokenizer.encode(item.text[lo:hi], add_special_tokens=False)
+        ids += piece
+        trained += [any(a <= lo and hi <= b for a, b in item.spans)] * len(piece)
+    if item.special:  # the tokenizer's BOS (and the like) around the whole, never trained
+        added = tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=False)
+        ordinary = iter(trained)
+        trained = [False if flag else next(ordinary) for flag in added]
+        ids = tokenizer.build_inputs_with_special_tokens(ids)
+    return _learn_to_stop(item, np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool), tokenizer.eos_token_id)
 
 
 def labels_of(ids: np.ndarray, trained: np.ndarray) -> List[int]:
