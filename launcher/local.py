@@ -119,16 +119,18 @@ def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s
             return process.wait(timeout=WATCH_EVERY_S)
         except subprocess.TimeoutExpired:
             pass
-        if heartbeat_timeout_s > 0 and stale_ranks(run_dir, heartbeat_timeout_s):
-            report_hang(run_dir, heartbeat_timeout_s)
+        stale = stale_ranks(run_dir, heartbeat_timeout_s) if heartbeat_timeout_s > 0 else []
+        if stale:
+            report_hang(run_dir, heartbeat_timeout_s, stale)
             _kill_job(process)
             process.wait()
             return EXIT_HUNG
 
 
-def report_hang(run_dir: Path, heartbeat_timeout_s: float) -> None:
-    """Say which rank stopped answering (and where), on stderr and in control/exit.json."""
-    culprit = describe_rank(likely_stuck(stale_ranks(run_dir, heartbeat_timeout_s))[0], time.time())
+def report_hang(run_dir: Path, heartbeat_timeout_s: float, stale: list) -> None:
+    """Say which rank stopped answering (and where), on stderr and in control/exit.json.
+    `stale`: the ranks found silent (read once: one may beat again meanwhile)."""
+    culprit = describe_rank(likely_stuck(stale)[0], time.time())
     detail = (f"hang: no heartbeat for more than cluster.heartbeat_timeout_s={heartbeat_timeout_s:g}s; "
               f"stuck: {culprit}\n{describe_stragglers(run_dir)}")
     print(f"[shardtune] {detail}\n[shardtune] ending the job (exit code {EXIT_HUNG}); resume to continue "

@@ -174,6 +174,13 @@ def write_manifest(folder: Path) -> None:
 
 def verify(folder: Path, deep: bool = True) -> Optional[str]:
     """None if `folder` is a complete committed checkpoint, else what is wrong with it."""
+    try:
+        return _verify(folder, deep)
+    except OSError as err:  # deleted or replaced while read (rotation, another node's conversion)
+        return f"{folder}: unreadable ({err})"
+
+
+def _verify(folder: Path, deep: bool) -> Optional[str]:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return f"{folder}: no {MANIFEST} (the save never completed)"
