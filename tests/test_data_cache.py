@@ -88,3 +88,21 @@ def test_a_damaged_cache_entry_is_prepared_again(tok, tmp_path):
     assert again.report["cache_misses"] == 1
     assert any("data cache entry damaged" in m and "ids.bin has" in m for m in messages), messages
     assert [again[i] for i in range(len(again))] == expected
+
+
+def test_a_preparation_that_loses_the_race_to_another_uses_the_winners_entry(tmp_path):
+    """Two waiters that judged a dead holder's lock stale at once both prepare; the second to finish
+    found the folder taken (before: OSError 'Directory not empty' from the rename)."""
+    root = tmp_path / "c"
+
+    def prepare_while_another_finishes(folder):
+        winner = root / "k"
+        winner.mkdir()
+        (winner / "meta.json").write_text(json.dumps({"by": "the other"}))
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps({"by": "us"}))
+        (folder / "rows.bin").write_bytes(b"x")
+
+    folder, hit = get_or_prepare(root, "k", prepare_while_another_finishes)
+    assert hit and json.loads((folder / "meta.json").read_text()) == {"by": "the other"}
+    assert sorted(p.name for p in root.iterdir()) == ["k"]  # our copy and the lock are gone

@@ -137,7 +137,14 @@ def get_or_prepare(root: Path, key: str, prepare: Callable[[Path], dict], log=No
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+        try:
+            os.replace(tmp, final)  # atomic: a reader sees no folder or a complete one
+        except OSError:
+            if not (final / "meta.json").is_file():
+                raise
+            # Two waiters judged a dead holder's lock stale at once, and both prepared: the other won.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final, True
         return final, False
     finally:
         lock.unlink(missing_ok=True)
