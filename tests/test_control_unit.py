@@ -21,7 +21,9 @@ def test_a_stopped_rank_is_named_even_when_it_is_not_behind(tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         os.kill(sleeper.pid, signal.SIGSTOP)
-        time.sleep(0.2)
+        deadline = time.time() + 10  # the state changes once the kernel delivers the signal
+        while process_state(sleeper.pid) != "stopped" and time.time() < deadline:
+            time.sleep(0.05)
         assert process_state(sleeper.pid) == "stopped"
         write_beat(tmp_path, 0, 5, "backward", age_s=20, pid=os.getpid())  # waiting in a collective
         write_beat(tmp_path, 1, 5, "forward", age_s=15, pid=sleeper.pid)
@@ -142,3 +144,30 @@ def test_a_second_launch_is_refused_while_the_first_launcher_holds_the_run_lock(
             pass
     proc = shardtune("train", f"run.dir={tmp_path}", "run.launch=dry_run")
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_keepalive_keeps_a_long_save_alive_up_to_its_limit(tmp_path):
+    """A checkpoint save of a large model beats once, then writes for minutes: the watchdog took
+    that for a hang (heartbeat_timeout_s) and killed a healthy job. The keepalive touches the
+    heartbeat meanwhile, but only up to its limit: a save stuck for good still goes silent."""
+    from trainer.control import Heartbeat
+
+    def beat_time():
+        return json.loads((tmp_path / "heartbeats" / "rank0.json").read_text())["time"]
+
+    heartbeat = Heartbeat(tmp_path, 0)
+    heartbeat.beat(4, "checkpoint")
+    first = beat_time()
+    with heartbeat.keepalive(limit_s=60, every_s=0.05):
+        deadline = time.time() + 10
+        while beat_time() == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert beat_time() > first  # touched while the phase ran
+    record = json.loads((tmp_path / "heartbeats" / "rank0.json").read_text())
+    assert (record["step"], record["phase"]) == (4, "checkpoint")
+
+    with heartbeat.keepalive(limit_s=0.3, every_s=0.05):
+        time.sleep(1.0)
+        after_limit = beat_time()
+        time.sleep(0.5)
+        assert beat_time() == after_limit  # silent past the limit: the watchdog judges again

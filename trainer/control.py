@@ -7,10 +7,12 @@ stops at the same step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -105,17 +107,40 @@ class Heartbeat:
         self.path = folder / f"rank{rank}.json"
         self.rank = rank
         self.step, self.phase = 0, "start"
+        self._writing = threading.Lock()  # keepalive's thread and this one share the .tmp file
 
     def beat(self, step: int, phase: str) -> None:
-        self.step, self.phase = step, phase
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": step, "phase": phase, "time": time.time(),
-                                   "pid": os.getpid()}))
-        os.replace(tmp, self.path)
+        with self._writing:
+            self.step, self.phase = step, phase
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"rank": self.rank, "step": step, "phase": phase, "time": time.time(),
+                                       "pid": os.getpid()}))
+            os.replace(tmp, self.path)
 
     def touch(self) -> None:
         """Still alive, same step and phase (inside long phases such as evaluation)."""
         self.beat(self.step, self.phase)
+
+    @contextlib.contextmanager
+    def keepalive(self, limit_s: float, every_s: float = 5.0):
+        """Touch the heartbeat from a thread while this one runs a long phase that cannot beat
+        (a checkpoint save or an export of a large model on slow storage is not a hang), for up
+        to `limit_s`; after that the watchdog judges the silence as usual. A rank stuck in a
+        collective meanwhile still fails by the collective's own timeout (cluster.timeout_s)."""
+        done = threading.Event()
+
+        def touch_until_done():
+            end = time.monotonic() + limit_s
+            while not done.wait(every_s) and time.monotonic() < end:
+                self.touch()
+
+        thread = threading.Thread(target=touch_until_done, name="heartbeat-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
 
 def process_state(pid: int) -> str:

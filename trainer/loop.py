@@ -91,7 +91,7 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     local_sum, local_nonfinite = 0.0, False
     micro_batches = ctx.sampler.micro_batches(step)
     faults = Faults(cfg.train.fault_injection, info.rank)
-    faults.maybe_pause(step + 1, ctx.heartbeat)
+    faults.maybe_pause(step + 1, ctx.heartbeat, ctx.stop)
     for accum, indices in enumerate(micro_batches):
         batch = _collate(ctx, [ctx.train_set[i] for i in indices])
         lap(ctx.timer, "data", batch)
@@ -172,7 +172,8 @@ def _save(ctx: TrainContext, state: LoopState) -> None:
     ctx.heartbeat.beat(state.step, "checkpoint")
     started = time.perf_counter()
     saved = {**state.to_dict(ctx.sampler, ctx.info.world_size), "layout": checkpoint.layout_of(ctx.cfg)}
-    folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
+    with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):  # a large model's save takes minutes
+        folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.2f}s ({size / 2**20:.1f} MiB)")
 
@@ -241,5 +242,6 @@ def train(ctx: TrainContext, state: LoopState) -> int:
         _save(ctx, state)
     if ctx.on_finish is not None:
         ctx.heartbeat.beat(state.step, "export")
-        ctx.on_finish(ctx)
+        with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):
+            ctx.on_finish(ctx)
     return EXIT_OK
