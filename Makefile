@@ -7,7 +7,7 @@ export DS_BUILD_OPS := 0
 # One DeepSpeed op cache for every test and rank (the comm op compiles once, ~2 min).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install ops clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+# DeepSpeed's CPU comm op, built once before any test: no test pays for it, and no rank a test
+# kills can die holding its build lock (every later rank would wait on it).
+ops: $(STAMP)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then \
+	  DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"; fi
+
+test: ops
 	$(PY) -m pytest -ra --durations=30 tests
 
 test-fast: $(STAMP)

@@ -36,7 +36,25 @@ def shardtune(*args: str, timeout: int = 600, env: Optional[Dict[str, str]] = No
 
 def train(run_dir: Path, *overrides: str, tiny: bool = True, **kwargs) -> subprocess.CompletedProcess:
     args = ["train", f"run.dir={run_dir}", *(TINY if tiny else []), *overrides]
-    return shardtune(*args, **kwargs)
+    try:
+        return shardtune(*args, **kwargs)
+    except subprocess.TimeoutExpired:
+        kill_run(run_dir)
+        raise
+
+
+def kill_run(run_dir: Path) -> None:
+    """SIGKILL what a timed-out launch left (its ranks run in a session of their own): they would
+    hold CPU and ports through every later test."""
+    import signal
+
+    from trainer.control import processes_of_run
+
+    for pid, _ in processes_of_run(run_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def metrics(run_dir: Path, kind: str = "train") -> List[dict]:

@@ -24,10 +24,12 @@ def test_two_node_launchers_form_one_world(tmp_path):
               "cluster=hostfile", "cluster.no_ssh=true", "cluster.nnodes=2", "cluster.nproc_per_node=1",
               "cluster.master_addr=127.0.0.1", f"cluster.master_port={port}", "cluster.threads_per_rank=1"]
 
-    def start(rank):
-        return subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
-                                cwd=REPO, env=helpers.subprocess_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+    logs = {rank: tmp_path / f"node{rank}.log" for rank in (0, 1)}
+
+    def start(rank):  # output to a file: a full pipe nobody drains yet would block the node's rank
+        with open(logs[rank], "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "launcher.cli", *common, f"cluster.node_rank={rank}"],
+                                    cwd=REPO, env=helpers.subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
     # Node 1 first, node 0 once node 1's processes run: node 0 must take them for its peers, not
     # for an earlier launch still using run.dir (it once refused to start, in CI, on this order).
@@ -36,7 +38,9 @@ def test_two_node_launchers_form_one_world(tmp_path):
     while not processes_of_run(run_dir) and second.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     nodes = [start(0), second]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node in nodes:
+        node.wait(timeout=600)
+    outputs = [logs[rank].read_text() for rank in (0, 1)]
     for rank, (node, out) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"
         assert f"node {rank}/2" in out and f"--node_rank={rank}" in out, out[-3000:]

@@ -128,7 +128,7 @@ def test_second_resolve_returns_cache_without_converting(converted, cache_root, 
     start = time.perf_counter()
     again = pretrained.resolve_model_dir(pretrained.PYPI_SMOLLM2, None, str(cache_root))
     elapsed = time.perf_counter() - start
-    assert again == folder and elapsed < 1.0
+    assert again == folder and elapsed < 10.0  # generous: the mtimes below prove no conversion ran
     assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == before
 
 

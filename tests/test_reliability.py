@@ -69,6 +69,14 @@ def job_processes(run_dir: Path) -> list[str]:
     return [line for line in ps if str(run_dir) in line and "ps -eo" not in line]
 
 
+def processes_left(run_dir: Path, within_s: float = 10.0) -> list[str]:
+    """job_processes once they had `within_s` to go: a killed process lingers a moment on a busy host."""
+    deadline = time.time() + within_s
+    while (left := job_processes(run_dir)) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def run_ok(run_dir: Path, *overrides: str, env=None, expect: int = 0) -> subprocess.CompletedProcess:
     proc = train(run_dir, *BASE[len(TINY):], *overrides, env=env)
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}):\n{proc.stdout[-5000:]}"
@@ -150,8 +158,7 @@ def test_t1_kill9_one_rank_then_resume_exactly(reference, tmp_path):
     killed_at = time.time()
     code = job.wait(timeout=120)
     exit_s = time.time() - killed_at
-    time.sleep(0.5)
-    leftovers = job_processes(run_dir)
+    leftovers = processes_left(run_dir)
     print(f"T1: launcher exited {code} {exit_s:.1f}s after kill -9 of rank 1; {len(leftovers)} processes left")
     assert code != 0 and exit_s <= 30 and leftovers == [], output(run_dir)[-3000:]
 
@@ -206,7 +213,8 @@ def test_a_killed_launcher_leaves_no_rank_training_and_a_relaunch_waits_for_them
     """kill -9 of the launcher itself (its ranks run in a session of their own): the ranks notice,
     checkpoint and exit; while they live, a second launch into the same run directory is refused."""
     run_dir = tmp_path / "orphaned"
-    job = start(run_dir, "+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=20")
+    # The pause (at most 100 s) ends when the ranks see their launcher gone.
+    job = start(run_dir, "+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=100")
     beat = wait_for_beat(run_dir, rank=0, phase="paused")
     second = run_ok(run_dir, expect=2)
     assert "is in use by" in second.stdout and f"pid {beat['pid']}:" in second.stdout, second.stdout[-3000:]
@@ -218,7 +226,7 @@ def test_a_killed_launcher_leaves_no_rank_training_and_a_relaunch_waits_for_them
     gone_s = time.time() - killed_at
     text = output(run_dir)
     stopped = re.search(r"stopped at step (\d+) \(the launcher \(\S+\) is gone\); checkpoint saved", text)
-    print(f"orphans: ranks of a kill -9'd launcher gone {gone_s:.1f}s later (the pause ran 20 s), "
+    print(f"orphans: ranks of a kill -9'd launcher gone {gone_s:.1f}s later, "
           f"{stopped.group(0) if stopped else 'no stop message'}")
     assert job_processes(run_dir) == [] and stopped, text[-3000:]
     step = int(stopped.group(1))
@@ -238,7 +246,7 @@ def test_t2_signals_stop_all_ranks_at_one_step_and_lose_nothing(reference, tmp_p
     root = checkpoint.checkpoint_root(run_dir)
     for step, target, sig in ((3, "job", signal.SIGUSR1), (6, "rank", signal.SIGTERM)):
         job = start(run_dir, f"+train.fault_injection.pause_at_step={step}", "+train.fault_injection.pause_rank=1",
-                    "+train.fault_injection.pause_seconds=2")
+                    "+train.fault_injection.pause_seconds=60")  # until the signal's stop request
         beat = wait_for_beat(run_dir, rank=1, phase="paused", min_step=step - 1)
         os.kill(job.pid if target == "job" else beat["pid"], sig)
         signalled_at = time.time()
@@ -312,19 +320,18 @@ def test_t8_nonfinite_loss_and_gradients_are_skipped_then_abort(tmp_path):
 # ---------------------------------------------------------------- T12
 def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path):
     run_dir = tmp_path / "hung"
-    timeout_s = 8
+    timeout_s = 20  # a healthy rank may be silent for seconds on a loaded machine
     job = start(run_dir, "train.max_steps=400", "checkpoint.every_steps=0", f"cluster.heartbeat_timeout_s={timeout_s}")
     beat = wait_for_beat(run_dir, rank=1, min_step=3)
     os.kill(beat["pid"], signal.SIGSTOP)
     stopped_at = time.time()
     code = job.wait(timeout=120)
     exit_s = time.time() - stopped_at
-    time.sleep(0.5)
-    leftovers = job_processes(run_dir)
+    leftovers = processes_left(run_dir)
     text = output(run_dir)
     print(f"T12: SIGSTOP rank 1 at step {beat['step']}: job ended {exit_s:.1f}s later (timeout {timeout_s}s), "
           f"exit {code}; {len(leftovers)} processes left")
-    assert code == EXIT_HUNG and exit_s <= timeout_s + 10 and leftovers == []
+    assert code == EXIT_HUNG and exit_s <= timeout_s + 20 and leftovers == []
     stuck = text[text.index("stuck: "):].splitlines()[0]
     assert "rank 1 " in stuck and "stopped" in stuck and "at step" in stuck, text[-3000:]
 

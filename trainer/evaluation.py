@@ -104,6 +104,7 @@ def generate(ctx, prompts: List[str], style: str) -> List[str]:
         # Kept verbatim (whitespace too): an untrained model often emits only newlines, and the
         # report should show that rather than an empty cell.
         completions.append(tokenizer.decode(new_tokens, skip_special_tokens=True) if info.is_main else "")
+        ctx.heartbeat.touch()  # many prompts on a large model are not a hang
     model.train()
     return completions
 

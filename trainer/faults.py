@@ -7,7 +7,8 @@ of them; `*_rank` keys limit a fault to one rank (default: every rank, or rank 0
     inf_grad_at_step, inf_grad_rank  the loss stays finite but its gradients are inf
     pause_at_step, pause_rank, pause_seconds
                                      the rank sleeps at the start of the step (heartbeat phase
-                                     "paused"), so a test can signal or kill it at a known step
+                                     "paused"), so a test can signal or kill it at a known step;
+                                     a stop request (signal, stop file, launcher gone) ends it
     stop_at_step                     a stop request arrives during the step
 An empty dict (the default) injects nothing.
 """
@@ -41,7 +42,11 @@ class Faults:
     def stop_requested(self, step: int) -> bool:
         return self._hits("stop_at_step", step)
 
-    def maybe_pause(self, step: int, heartbeat) -> None:
+    def maybe_pause(self, step: int, heartbeat, stop=None) -> None:
+        """Sleep pause_seconds, or until `stop` (a StopRequest) is requested: a test that signals a
+        paused rank then never races the pause's end, however slow the machine."""
         if self._hits("pause_at_step", step, default_rank=0):
             heartbeat.beat(step - 1, "paused")
-            time.sleep(float(self.spec.get("pause_seconds", 60)))
+            end = time.monotonic() + float(self.spec.get("pause_seconds", 60))
+            while time.monotonic() < end and not (stop is not None and stop.requested()):
+                time.sleep(min(0.1, max(end - time.monotonic(), 0)))

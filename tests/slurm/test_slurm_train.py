@@ -20,7 +20,7 @@ from launcher.slurm_env import derive_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
-STEPS = 30  # steps take ~0.2 s: long enough to signal the job mid-run
+STEPS = 30
 COMMON = [*TINY, f"train.max_steps={STEPS}", "eval.prompts_file=null", "eval.general_files=[]",
           "eval.max_batches=2", "checkpoint.export_final=false"]
 SLURM = ["cluster=slurm", "cluster.nnodes=2", "cluster.nproc_per_node=1", "cluster.threads_per_rank=1"]
@@ -42,6 +42,13 @@ def _train_steps(run_dir: Path) -> list:
         return metrics(run_dir)
     except (FileNotFoundError, ValueError):
         return []
+
+
+def _beat(run_dir: Path, rank: int) -> dict:
+    try:
+        return json.loads((run_dir / "heartbeats" / f"rank{rank}.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def _submit(cluster, run_dir: Path, *overrides: str) -> tuple[str, float]:
@@ -101,9 +108,12 @@ def test_two_node_job_matches_local_run(slurm_cluster, local_losses, tmp_path):
 
 def test_signalled_job_requeues_and_resumes(slurm_cluster, local_losses, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, submitted_at = _submit(slurm_cluster, run_dir, "logger=wandb", "logger.mode=offline")
-    first = _wait_for(lambda: len(_train_steps(run_dir)) >= 3 and _train_steps(run_dir), 420,
-                      "the job's third step", slurm_cluster)
+    # Rank 0 pauses at the start of step 4 until the stop request arrives (at most 90 s): the
+    # signal lands in a known step however slow the machine (steps take ~0.1 s).
+    pause = ["+train.fault_injection.pause_at_step=4", "+train.fault_injection.pause_seconds=90"]
+    job_id, submitted_at = _submit(slurm_cluster, run_dir, "logger=wandb", "logger.mode=offline", *pause)
+    _wait_for(lambda: _beat(run_dir, 0).get("phase") == "paused", 420, "rank 0 to pause in step 4", slurm_cluster)
+    first = _train_steps(run_dir)
     signalled_at = time.time()
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
 
@@ -123,7 +133,7 @@ def test_signalled_job_requeues_and_resumes(slurm_cluster, local_losses, tmp_pat
     starts = [json.loads(l)["restart"] for l in (run_dir / "slurm_jobs.jsonl").read_text().splitlines()]
     assert starts == [0, 1]
     stopped_at = int(next(l for l in out.splitlines() if "resumed from" in l).split("at step")[1].split()[0])
-    assert 3 <= stopped_at < STEPS, out[-3000:]
+    assert stopped_at == 4, out[-3000:]
 
     # The resumed curve is the uninterrupted one: every step once, in order, same losses.
     steps = _train_steps(run_dir)
