@@ -159,17 +159,29 @@ def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         print(f"run directory written: {run_dir}\nstart the workers with one of:\n  " +
               "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node)))
         return 0
+    if port_is_free(port):  # no live job rendezvouses there: buffers of that port are a killed job's
+        remove_shm_buffers(port)
     try:
         return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
     finally:
         remove_shm_buffers(port)
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def remove_shm_buffers(port: int) -> None:
     """Delete DeepSpeed's CPU all-reduce buffers of this job from /dev/shm.
 
-    Ranks that are killed never unlink them; each is tens of MB, and a full /dev/shm makes later
-    jobs on the machine hang in their first collective.
+    Ranks that are killed never unlink them; each is tens of MB, a full /dev/shm makes later
+    jobs on the machine hang in their first collective, and a later job on the same port would
+    open a dead job's buffers, flags and all.
     """
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         path.unlink(missing_ok=True)

@@ -6,6 +6,9 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
 
 from trainer.control import describe_stragglers, likely_stuck, process_state, stale_ranks
 
@@ -171,3 +174,24 @@ def test_keepalive_keeps_a_long_save_alive_up_to_its_limit(tmp_path):
         after_limit = beat_time()
         time.sleep(0.5)
         assert beat_time() == after_limit  # silent past the limit: the watchdog judges again
+
+
+def test_a_killed_jobs_shared_memory_buffers_go_before_a_launch_on_its_port():
+    """Ranks killed with -9 leave DeepSpeed's /dev/shm all-reduce buffers, named by port; a launch
+    removes those of its port first, but only when no live job holds that port."""
+    import socket
+
+    from launcher.local import port_is_free, remove_shm_buffers
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert not port_is_free(port)  # a live rendezvous: its buffers are in use
+    assert port_is_free(port)
+    stale = Path("/dev/shm") / f"deepspeed_allreduce_buffer_0_127.0.0.1_{port}_1"
+    if not stale.parent.is_dir():
+        pytest.skip("no /dev/shm")
+    stale.write_bytes(b"\0" * 64)
+    remove_shm_buffers(port)
+    assert not stale.exists()
