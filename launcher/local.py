@@ -1,6 +1,7 @@
 """cluster=local: N ranks on this machine through the `deepspeed` launcher (one plain process for N=1)."""
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import signal
@@ -168,12 +169,16 @@ def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
 
 
 def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
+    """Nothing listens on `port`, over IPv4 or IPv6 (a rendezvous store may bind either)."""
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
+            with socket.socket(family) as sock:
+                sock.bind((address, port))
+        except OSError as err:
+            if family == socket.AF_INET6 and err.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # no IPv6 here
             return False
+    return True
 
 
 def remove_shm_buffers(port: int) -> None:

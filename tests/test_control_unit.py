@@ -183,12 +183,17 @@ def test_a_killed_jobs_shared_memory_buffers_go_before_a_launch_on_its_port():
 
     from launcher.local import port_is_free, remove_shm_buffers
 
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = held.getsockname()[1]
-        assert not port_is_free(port)  # a live rendezvous: its buffers are in use
-    assert port_is_free(port)
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            held = socket.socket(family)
+            held.bind((address, 0))
+        except OSError:
+            continue  # no IPv6 here
+        with held:
+            held.listen()
+            port = held.getsockname()[1]
+            assert not port_is_free(port), address  # a live rendezvous: its buffers are in use
+        assert port_is_free(port)
     stale = Path("/dev/shm") / f"deepspeed_allreduce_buffer_0_127.0.0.1_{port}_1"
     if not stale.parent.is_dir():
         pytest.skip("no /dev/shm")
