@@ -63,7 +63,7 @@ def test_two_node_job(slurm_cluster, tmp_path):
         """
     )
     job_id = slurm_cluster.sbatch([], script=script, cwd=tmp_path)
-    slurm_cluster.wait_job(job_id, "COMPLETED", timeout=30)
+    slurm_cluster.wait_job(job_id, "COMPLETED", timeout=120)
 
     tasks = sorted((tmp_path / f"task.{i}").read_text().split() for i in range(2))
     assert tasks == [["0", "n1", "0"], ["1", "n2", "1"]]
@@ -114,19 +114,19 @@ def test_usr1_trap_requeues_job(slurm_cluster, tmp_path):
         """
     )
     job_id = slurm_cluster.sbatch([], script=script, cwd=tmp_path)
-    slurm_cluster.wait_job(job_id, "RUNNING", timeout=20)
-    _wait_for(lambda: (tmp_path / "ready").exists(), 15, "the batch script to install its trap", slurm_cluster)
+    slurm_cluster.wait_job(job_id, "RUNNING", timeout=120)
+    _wait_for(lambda: (tmp_path / "ready").exists(), 60, "the batch script to install its trap", slurm_cluster)
 
     t0 = time.monotonic()
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
-    _wait_for(lambda: (tmp_path / "usr1").exists(), 10, "the USR1 trap to run", slurm_cluster)
+    _wait_for(lambda: (tmp_path / "usr1").exists(), 60, "the USR1 trap to run", slurm_cluster)
     t_trap = time.monotonic() - t0
 
     def restarted():
         info = slurm_cluster.scontrol_show_job(job_id)
         return info if info.get("Restarts") == "1" else None
 
-    _wait_for(restarted, 10, "Restarts=1", slurm_cluster)
+    _wait_for(restarted, 60, "Restarts=1", slurm_cluster)
     t_requeued = time.monotonic() - t0
 
     def second_run_started():
@@ -134,9 +134,9 @@ def test_usr1_trap_requeues_job(slurm_cluster, tmp_path):
         state = info.get("JobState")
         return state if info.get("Restarts") == "1" and state in ("RUNNING", "COMPLETING", "COMPLETED") else None
 
-    _wait_for(second_run_started, 45, "the requeued job to start again", slurm_cluster, poll=0.2)
+    _wait_for(second_run_started, 120, "the requeued job to start again", slurm_cluster, poll=0.2)
     t_rerun = time.monotonic() - t0
-    slurm_cluster.wait_job(job_id, "COMPLETED", timeout=20)
+    slurm_cluster.wait_job(job_id, "COMPLETED", timeout=120)
     t_done = time.monotonic() - t0
 
     text = out.read_text()
@@ -167,13 +167,13 @@ def test_harness_recovers_from_crashed_session(slurm_cluster, tmp_path):
     state = Path(tempfile.mkdtemp(prefix="shardtune-slurm-crashtest-")) / "state"
     os.chmod(state.parent, 0o755)
     kw = dict(nodes=("m1",), cpus_per_node=1, ctld_port=slurm_cluster.ctld_port + 100,
-              cluster_name="crashtest", start_timeout=30)
+              cluster_name="crashtest", start_timeout=120)
     first = slurm_harness.LocalSlurm(state, **kw)
     bystander = None
     try:
         first.start()
         job_id = first.sbatch(["--wrap", "sleep 300", "-o", "/dev/null"])
-        first.wait_job(job_id, "RUNNING", timeout=20)
+        first.wait_job(job_id, "RUNNING", timeout=120)
         old = first._owned_processes()
         assert len(old) >= 4, old  # munged, slurmctld, slurmd, slurmstepd, sleep
         # Simulate the owner dying: its flock goes away, nothing is stopped, nothing cleaned.
@@ -193,7 +193,7 @@ def test_harness_recovers_from_crashed_session(slurm_cluster, tmp_path):
             assert not [p for p in old if slurm_harness._alive(p)]
             assert bystander.poll() is None, "a process named in a stale pid file was killed"
             j2 = second.sbatch(["--wrap", "true", "-o", "/dev/null"])
-            assert second.wait_job(j2, "COMPLETED", timeout=20) == "COMPLETED"
+            assert second.wait_job(j2, "COMPLETED", timeout=120) == "COMPLETED"
             assert j2 == 1  # fresh controller state (slurmctld -c)
         assert not state.exists()
         slurm_cluster.timings["crashed-session recovery to idle"] = recovery
