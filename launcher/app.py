@@ -20,19 +20,20 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.rundir import REPO_ROOT, world_size, write_run_dir
+from launcher.resources import BUNDLED, CONFIG_DIR
+from launcher.rundir import world_size, write_run_dir
 from trainer.config import RootConfig, to_config
 from trainer.validate import ConfigError, validate
 
-CONFIG_DIR = REPO_ROOT / "configs"
 _exit_codes: List[int] = []
 
 
 def register() -> None:
-    """Make the schema and the `${st.root:}` resolver (the repo root) known to Hydra."""
+    """Make the schema and the `${st.root:}` resolver known to Hydra: the folder of shardtune's own
+    files (`${st.root:}/samples/...` is the shipped sample data, in a checkout or a wheel)."""
     ConfigStore.instance().store(name="shardtune_schema", node=RootConfig)
     if not OmegaConf.has_resolver("st.root"):
-        OmegaConf.register_new_resolver("st.root", lambda: str(REPO_ROOT))
+        OmegaConf.register_new_resolver("st.root", lambda: str(BUNDLED))
 
 
 def has_cuda(cfg: RootConfig) -> bool:
@@ -64,6 +65,9 @@ def _launch(cfg: RootConfig, on_gpu: bool, overrides: List[str], node: Optional[
     run_dir = write_run_dir(cfg, on_gpu, overrides)
     if cfg.run.launch == "spawn":
         print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
+        from launcher.local import prepare_model_source
+
+        prepare_model_source(cfg, convert=cfg.cluster.backend != "slurm")
     if cfg.cluster.backend == "slurm":
         from launcher.slurm import launch_slurm
 
@@ -149,6 +153,7 @@ def refuse_if_in_use(run_dir: Path, slurm: bool = False, node: Optional[str] = N
 
 def _task(node: DictConfig) -> int:
     from trainer.checkpoint import CheckpointError  # here: torch is imported only by commands that train
+    from trainer.pretrained import ModelSourceError
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -166,6 +171,9 @@ def _task(node: DictConfig) -> int:
         validate(cfg, has_cuda=on_gpu)
         code = launch(cfg, on_gpu, overrides)
     except ConfigError as err:
+        print(f"shardtune: {err}", file=sys.stderr)
+        code = 2
+    except ModelSourceError as err:  # a hub id not cached and not downloadable, an unwritable cache
         print(f"shardtune: {err}", file=sys.stderr)
         code = 2
     except CheckpointError as err:  # a resume's conversion failed, or node 0's never came: said, not a traceback

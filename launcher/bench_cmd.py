@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from launcher.rundir import REPO_ROOT
+from launcher.resources import CODE_ROOT, HF_PEER_SCRIPT
 
 # Settings that keep a bench run to training steps only: no eval, checkpoints or exports in between.
 BENCH_OVERRIDES = ["train.timing=true", "checkpoint.every_steps=0", "checkpoint.save_final=false",
@@ -39,7 +39,7 @@ def parse_args(argv: List[str]):
 
 
 def _run(argv: List[str], env: Dict[str, str]) -> None:
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(argv, cwd=CODE_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])} ... exited {proc.returncode}:\n{proc.stdout[-4000:]}")
 
@@ -53,7 +53,7 @@ def run_hf(run_dir: Path, out: Path, steps: int, world: int, env: Dict[str, str]
     from launcher.local import free_port
 
     _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port",
-          str(free_port()), str(REPO_ROOT / "scripts" / "hf_peer.py"), "--run-dir", str(run_dir),
+          str(free_port()), str(HF_PEER_SCRIPT), "--run-dir", str(run_dir),
           "--out", str(out), "--steps", str(steps)], env)
 
 
@@ -147,9 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     base = Path(cfg.run.dir).expanduser().resolve()
     world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
     threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.cluster.nproc_per_node)
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # keep the user's
+    python_path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))  # keep the user's
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=python_path)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".cache" / "torch_extensions"))
     total_steps = args.steps + args.warmup
     rounds: List[dict] = []
     for r in range(args.repeats):

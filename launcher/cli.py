@@ -24,7 +24,8 @@ Fine-tune language models with DeepSpeed ZeRO, locally, on a hostfile cluster or
 commands:
 {commands}
 
-`shardtune train --help` shows the config groups and options; `shardtune <command> --help` the rest.
+`shardtune train --help` shows the config groups and options; `shardtune <command> --help` the rest;
+`shardtune --version` our version and those of torch, deepspeed, transformers, peft, datasets, hydra.
 Examples:
   shardtune train                                   # the embedded demo: tiny Llama, 2 CPU ranks, ZeRO-3
   shardtune train peft=lora deepspeed=zero2 optim.lr=1e-4
@@ -39,10 +40,22 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+def version_text() -> str:
+    """Our version and those of the libraries a run depends on, as installed here (no torch import)."""
+    from launcher.rundir import package_versions
+
+    versions = package_versions()
+    ours = versions.pop("shardtune") or "unknown (not installed)"
+    return f"shardtune {ours}\n" + "\n".join(f"  {name} {version or 'not installed'}" for name, version in versions.items())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(version_text())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from launcher.rundir import REPO_ROOT
+from launcher.resources import CODE_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
 from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank, describe_stragglers,
@@ -31,7 +31,7 @@ def free_port() -> int:
 def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, str]:
     """Environment every rank inherits: device choice, threads, NCCL/gloo settings from config."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_on_node)
@@ -50,6 +50,25 @@ def local_command(cfg: RootConfig, run_dir: Path, port: int) -> Tuple[List[str],
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(port), "--module", "trainer", "--run-dir", str(run_dir)]
     return argv, {}
+
+
+def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
+    """Have the model's folder ready on this node before any rank starts, made by this process (one
+    that writes whole files, never a rank a library may treat as non-main): the hub download, and
+    with `convert` the GGUF conversion or builtin random init. At a Slurm submission only the
+    download runs (login nodes have the network; the conversion is the compute node's work)."""
+    from trainer.pretrained import ModelSourceError, is_hub_id, resolve_model_dir
+
+    model = cfg.model
+    try:
+        if convert:
+            from trainer.model import prepare_model
+
+            prepare_model(model, cfg.seed)
+        elif is_hub_id(model.name_or_path):
+            resolve_model_dir(model.name_or_path, model.gguf_file, model.cache_dir, model.revision, download=True)
+    except (FileNotFoundError, FileExistsError) as err:
+        raise ModelSourceError(str(err)) from None
 
 
 def manual_commands(run_dir: Path, nproc: int) -> List[str]:

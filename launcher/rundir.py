@@ -16,12 +16,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from launcher.resources import CODE_ROOT
 from trainer.config import RootConfig, save_run_config
 from trainer.control import control_dir
 from trainer.ds_config import build_ds_config
 
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "datasets", "hydra-core", "wandb", "shardtune")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def package_versions() -> dict:
@@ -36,9 +36,9 @@ def package_versions() -> dict:
 
 def git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "-C", str(CODE_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(CODE_ROOT), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.rundir import REPO_ROOT
+from launcher.resources import CODE_ROOT, bundled_path
 from trainer.config import RootConfig
 
 JOB_SCRIPT = "job.sbatch"
@@ -25,8 +25,7 @@ JOB_ID_FILE = "slurm_job_id"
 
 
 def template_path(cfg: RootConfig) -> Path:
-    path = Path(cfg.cluster.slurm.template).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    return bundled_path(cfg.cluster.slurm.template)
 
 
 def render_script(cfg: RootConfig, run_dir: Path) -> str:
@@ -39,7 +38,7 @@ def render_script(cfg: RootConfig, run_dir: Path) -> str:
     env.filters["quote"] = lambda value: shlex.quote(str(value))
     template = env.from_string(source.read_text())
     return template.render(
-        template=source, run_dir=run_dir, repo=REPO_ROOT, python=slurm.python or sys.executable,
+        template=source, run_dir=run_dir, repo=CODE_ROOT, python=slurm.python or sys.executable,
         job_name=slurm.job_name or cfg.run.name, nnodes=cfg.cluster.nnodes, time=slurm.time,
         signal_seconds=slurm.signal_seconds, max_requeues=slurm.max_requeues, cpus_per_task=slurm.cpus_per_task,
         gpus_per_node=slurm.gpus_per_node, mem=slurm.mem, partition=slurm.partition, account=slurm.account,
@@ -87,7 +86,7 @@ def launch_in_allocation(cfg: RootConfig, run_dir: Path) -> int:
     python = cfg.cluster.slurm.python or sys.executable
     argv = ["srun", f"--nodes={cfg.cluster.nnodes}", "--ntasks-per-node=1",
             python, "-m", "launcher.node", "--run-dir", str(run_dir)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")])))
     print(f"[shardtune] inside Slurm allocation {os.environ['SLURM_JOB_ID']}: {shlex.join(argv)}",
           file=sys.stderr, flush=True)
     return run_workers(argv, env, run_dir)

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ is None and (Path(__file__).resolve().parent.parent / "trainer").is_dir():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout's scripts/
 
 import torch  # noqa: E402
 
