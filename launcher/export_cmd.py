@@ -137,7 +137,9 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
         merged.to(dtype).save_pretrained(out, max_shard_size=max_bytes)
         tokenizer.save_pretrained(out)
         return {"merged": True, "merge_max_logit_diff": diff}
-    base_path = str(model_dir(cfg.model))
+    from trainer.pretrained import base_model_reference
+
+    base_path = base_model_reference(cfg.model.name_or_path, model_dir(cfg.model))
     model.peft_config["default"].base_model_name_or_path = base_path
     if cfg.model.name_or_path.startswith("builtin:"):  # random base weights exist only in the checkpoint
         base_path = str(out / "base")

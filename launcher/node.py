@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-from launcher.local import run_workers, worker_env
+from launcher.local import prepare_model_source, run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
 from trainer.control import NODE_ENV, node_identity
@@ -101,6 +101,7 @@ def main(argv: List[str] | None = None) -> int:
     run_dir = Path(parser.parse_args(argv).run_dir).resolve()
     cfg = load_run_config(run_dir)
     node_rank, nodes, addr, port = slurm_rendezvous(cfg)
+    prepare_model_source(cfg)  # before any rank of this node needs it
     return start_node(cfg, run_dir, on_gpu_here(cfg), node_rank, nodes, addr, port,
                       use_deepspeed=cfg.cluster.nproc_per_node > 1)
 

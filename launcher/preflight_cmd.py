@@ -29,12 +29,10 @@ def model_config_dict(cfg: RootConfig) -> dict:
     name = cfg.model.name_or_path
     if name.startswith("builtin:"):
         return json.loads((BUILTIN_DIR / name.split(":", 1)[1] / "config.json").read_text())
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "config.json").is_file() and not cfg.model.gguf_file:
-        return json.loads((path / "config.json").read_text())
-    from trainer.pretrained import resolve_model_dir  # GGUF: converted once into the model cache
+    from trainer.pretrained import resolve_model_dir  # a folder, a cached hub id; GGUF converted once
 
-    return json.loads((Path(resolve_model_dir(name, cfg.model.gguf_file, cfg.model.cache_dir)) / "config.json").read_text())
+    folder = resolve_model_dir(name, cfg.model.gguf_file, cfg.model.cache_dir, cfg.model.revision)
+    return json.loads((Path(folder) / "config.json").read_text())
 
 
 def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:

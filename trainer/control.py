@@ -183,14 +183,26 @@ def is_peer_node(pid: int, node: Optional[str]) -> bool:
     return where == their_where and rank != their_rank
 
 
+def _this_process_and_ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:  # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def processes_of_run(run_dir: Path, node: Optional[str] = None) -> list[tuple[int, str]]:
     """(pid, command line) of this host's processes started with `--run-dir RUN_DIR` (ranks, and
     the deepspeed launchers between them and us), from /proc; [] where there is no /proc.
     With `node` ("ADDR:PORT/RANK"), the processes of the other node ranks of that rendezvous are left out."""
     wanted = str(Path(run_dir).resolve())
+    ours = _this_process_and_ancestors()  # a wrapper that started us with --run-dir is no earlier launch
     found = []
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in ours:
             continue
         try:
             args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")

@@ -205,7 +205,9 @@ def export_final(ctx) -> None:
     else:
         base = model.get_base_model()
         base_config, generation = base.config, base.generation_config
-        base_path = str(model_dir(cfg.model))
+        from trainer.pretrained import base_model_reference
+
+        base_path = base_model_reference(cfg.model.name_or_path, model_dir(cfg.model))
         if cfg.model.name_or_path.startswith("builtin:"):  # random base weights: ship them
             base_path = str(out / "base")
             # get_base_model() still holds the adapter layers; write the base's own tensors only.

@@ -29,7 +29,19 @@ def model_dir(cfg: ModelConfig) -> Path:
         return path
     from trainer.pretrained import resolve_model_dir
 
-    return resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir)
+    return resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir, cfg.revision)
+
+
+def prepare_model(cfg: ModelConfig, seed: int) -> Path:
+    """Make the model's folder ready on this node before any rank needs it (the launcher calls it,
+    a process that writes whole files): a hub download, a GGUF conversion, a builtin's random init.
+    The ranks then only find it (`model_dir`, `weights_dir`)."""
+    name = cfg.name_or_path
+    if not name.startswith("builtin:"):
+        from trainer.pretrained import resolve_model_dir
+
+        resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir, cfg.revision, download=True)
+    return weights_dir(cfg, seed)
 
 
 def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:

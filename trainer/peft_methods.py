@@ -153,7 +153,7 @@ def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
 
     import peft
 
-    if cfg.quantize_4bit:  # validate.py already stops this on CPU; say so rather than ignore it on GPU
+    if cfg.quantize_4bit:  # validate.py refuses this before launch; a hand-written run dir still hears why
         raise NotImplementedError("peft.quantize_4bit=true (QLoRA) is not implemented yet; use peft=lora")
     split_dropout = cfg.method in ("lora", "dora") and cfg.dropout > 0 and has_fused_experts(model)
     model = peft.get_peft_model(model, peft_config(dataclasses.replace(cfg, dropout=0.0) if split_dropout else cfg, family))

