@@ -113,14 +113,6 @@ def test_target_modules_that_match_nothing_are_refused_before_launch(tmp_path):
     compose(gpt2 + ["peft=lora"])  # all-linear: any architecture
 
 
-def test_qlora_on_cpu_is_a_clear_error_before_launch():
-    cfg = RootConfig()
-    cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
-    cfg.peft.method, cfg.peft.quantize_4bit = "lora", True
-    with pytest.raises(ConfigError, match=r"peft.quantize_4bit=true \(QLoRA\) needs a CUDA GPU"):
-        validate(cfg, has_cuda=False, check_files=False)
-
-
 def test_shard_writer_splits_and_indexes(tmp_path):
     from safetensors.torch import load_file
 
@@ -214,3 +206,26 @@ def test_moe_lora_with_dropout_trains_under_zero3_and_exports(tmp_path):
     experts = {k: n for k, n in facts["adapter_numels"].items() if "experts" in k}
     assert experts and all(n > 0 for n in experts.values()), facts
     assert facts["base_max_diff"] > 1e-6
+
+
+@pytest.mark.parametrize("has_cuda", [False, True])
+def test_qlora_is_refused_before_launch_on_cpu_and_gpu(has_cuda):
+    """QLoRA is not built: peft.quantize_4bit=true is refused by validation (before any spawn) on a GPU
+    machine too, not by the workers after the base model has loaded; the error says to use peft=lora."""
+    cfg = RootConfig()
+    cfg.model.name_or_path, cfg.run.dir, cfg.run.name = "builtin:tiny-llama", "/tmp/x", "x"
+    cfg.peft.method, cfg.peft.quantize_4bit = "lora", True
+    cfg.cluster.nproc_per_node = 1  # a one-GPU machine would refuse the default 2 ranks for another reason
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, has_cuda=has_cuda, check_files=False)
+    (problem,) = [p for p in err.value.problems if "quantize_4bit" in p]
+    assert "peft.quantize_4bit=true" in problem and "not implemented" in problem and "peft=lora" in problem
+    cfg.peft.quantize_4bit = False
+    validate(cfg, has_cuda=has_cuda, check_files=False)  # the same config without it is valid
+
+
+def test_qlora_is_refused_by_the_cli_before_spawning(tmp_path):
+    proc = shardtune("train", f"run.dir={tmp_path / 'run'}", "peft=lora", "peft.quantize_4bit=true", timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "peft.quantize_4bit=true" in proc.stdout and "peft=lora" in proc.stdout
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written, nothing spawned
