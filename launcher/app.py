@@ -15,33 +15,16 @@ from pathlib import Path
 from typing import List, Optional
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from launcher.resources import BUNDLED, CONFIG_DIR
+from launcher.compose import CONFIG_DIR, has_cuda, register
 from launcher.rundir import world_size, write_run_dir
 from trainer.config import RootConfig, to_config
 from trainer.validate import ConfigError, validate
 
 _exit_codes: List[int] = []
-
-
-def register() -> None:
-    """Make the schema and the `${st.root:}` resolver known to Hydra: the folder of shardtune's own
-    files (`${st.root:}/samples/...` is the shipped sample data, in a checkout or a wheel)."""
-    ConfigStore.instance().store(name="shardtune_schema", node=RootConfig)
-    if not OmegaConf.has_resolver("st.root"):
-        OmegaConf.register_new_resolver("st.root", lambda: str(BUNDLED))
-
-
-def has_cuda(cfg: RootConfig) -> bool:
-    if cfg.cluster.device == "cpu":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
@@ -56,13 +39,17 @@ def launch(cfg: RootConfig, on_gpu: bool, overrides: List[str]) -> int:
 
 
 def _launch(cfg: RootConfig, on_gpu: bool, overrides: List[str], node: Optional[str]) -> int:
-    from launcher.resume import adapt_to_checkpoint
+    from launcher.resume import decide_resume
+    from trainer.control import record_resume_decision
 
-    # A checkpoint saved on another world size or ZeRO stage: convert it, keep the global batch.
-    # No-ssh nodes share run.dir: node 0 converts, the others wait for its result.
-    adapt_to_checkpoint(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run",
-                        converts_here=node is None or cfg.cluster.node_rank == 0)
+    # What the ranks resume from, decided here once (a checkpoint saved on another world size or
+    # ZeRO stage is converted, keeping the global batch). No-ssh nodes share run.dir: node 0
+    # converts, the others wait for its result.
+    decision = decide_resume(cfg, world_size(cfg), convert=cfg.run.launch != "dry_run",
+                             converts_here=node is None or cfg.cluster.node_rank == 0)
     run_dir = write_run_dir(cfg, on_gpu, overrides)
+    if cfg.run.launch != "dry_run":
+        record_resume_decision(run_dir, decision.resume_from, decision.universal, decision.reason)
     if cfg.run.launch == "spawn":
         print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
         from launcher.local import prepare_model_source
@@ -192,37 +179,6 @@ def _task(node: DictConfig) -> int:
     metric = record_trial(Path(hydra_cfg.runtime.output_dir), cfg, code, overrides, time.time() - started)
     # Optuna needs a number to minimise; a failed trial scores +inf and the search goes on.
     return metric if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower() else code
-
-
-def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
-    """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
-
-    For the subcommands that need a config but no run (preflight, data preview, bench).
-    """
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register()
-    try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-            node = hydra_compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
-        raise ConfigError([composition_problem(err)]) from None
-    cfg = to_config(node)
-    return validate(cfg, has_cuda=has_cuda(cfg), check_files=validate_files)
-
-
-def composition_problem(err: Exception) -> str:
-    """Hydra's message for a bad override, with the schema's reason (e.g. "Key 'foo' not in 'TrainConfig'")."""
-    text = str(err).split("Config search path:")[0]  # Hydra's search path tells a user nothing here
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = err.__cause__
-    if cause is not None and str(cause).strip():
-        reason = str(cause).splitlines()[0]
-        if reason not in lines:
-            lines.append(reason)
-    return "\n    ".join(lines)
 
 
 def run_dir_problem(argv: List[str]) -> str | None:

@@ -136,7 +136,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from launcher.app import compose
+    from launcher.compose import compose
     from trainer.validate import ConfigError
 
     try:

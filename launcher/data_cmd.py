@@ -1,6 +1,6 @@
 """`shardtune data preview <overrides>`: the samples as the model will see them, and statistics.
 
-Composes the config exactly as `shardtune train` would (launcher.app.compose), prepares the data
+Composes the config exactly as `shardtune train` would (launcher.compose.compose), prepares the data
 through the same cached pipeline the workers use (a later run then hits the cache), and prints
 a few rows with trained tokens marked: green on a terminal, [[like this]] otherwise.
 """
@@ -70,7 +70,7 @@ def preview(argv: List[str]) -> int:
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON only")
     args, overrides = parser.parse_known_args(argv)
-    from launcher.app import compose
+    from launcher.compose import compose
     from trainer.config import ConfigError
     from trainer.data import build_datasets
     from trainer.data.errors import DataError

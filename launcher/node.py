@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from launcher.compose import has_cuda
 from launcher.local import prepare_model_source, run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
@@ -87,14 +88,6 @@ def slurm_rendezvous(cfg: RootConfig, env=os.environ) -> Tuple[int, List[str], s
     return int(env["SLURM_NODEID"]), nodes, head_node_address(nodes), port
 
 
-def on_gpu_here(cfg: RootConfig) -> bool:
-    if cfg.cluster.device == "cpu":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.node", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True, help="the run directory `shardtune train` wrote")
@@ -102,7 +95,7 @@ def main(argv: List[str] | None = None) -> int:
     cfg = load_run_config(run_dir)
     node_rank, nodes, addr, port = slurm_rendezvous(cfg)
     prepare_model_source(cfg)  # before any rank of this node needs it
-    return start_node(cfg, run_dir, on_gpu_here(cfg), node_rank, nodes, addr, port,
+    return start_node(cfg, run_dir, has_cuda(cfg), node_rank, nodes, addr, port,
                       use_deepspeed=cfg.cluster.nproc_per_node > 1)
 
 

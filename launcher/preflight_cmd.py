@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     as_json = "--json" in argv
     overrides = [a for a in argv if a != "--json"]
-    from launcher.app import compose, has_cuda
+    from launcher.compose import compose, has_cuda
 
     try:
         cfg = compose(overrides, validate_files=False)

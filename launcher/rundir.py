@@ -49,14 +49,19 @@ def world_size(cfg: RootConfig) -> int:
     return cfg.cluster.nnodes * cfg.cluster.nproc_per_node
 
 
+def rewrite_for_launch(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> None:
+    """config.yaml and the ds_config.json derived from it: what the ranks of a launch read."""
+    save_run_config(cfg, run_dir)
+    ds_config = build_ds_config(cfg, world_size(cfg), on_gpu)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
 def write_run_dir(cfg: RootConfig, on_gpu: bool, overrides: list[str]) -> Path:
     """Create or refresh `cfg.run.dir` for a launch; returns its absolute path."""
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run.dir = str(run_dir)
-    save_run_config(cfg, run_dir)
-    ds_config = build_ds_config(cfg, world_size(cfg), on_gpu)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    rewrite_for_launch(cfg, run_dir, on_gpu)
     facts = {"versions": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
              "git_revision": git_revision(), "host": socket.gethostname(), "world_size": world_size(cfg),
              "device": "cuda" if on_gpu else "cpu", "overrides": overrides, "time": time.time()}

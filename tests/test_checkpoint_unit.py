@@ -319,7 +319,7 @@ def test_a_resume_with_another_model_or_adapter_is_refused_before_launch(tmp_pat
     launcher with the differing keys (before: DeepSpeed's key-mismatch traceback on every rank, or,
     for a base model of the same shapes, a silent resume of the old weights)."""
     from helpers import shardtune
-    from launcher.app import compose
+    from launcher.compose import compose
 
     lora = compose(["peft=lora", "peft.r=8", f"run.dir={tmp_path}"])
     folder = write_checkpoint(tmp_path / "checkpoints", 4)

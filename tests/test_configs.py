@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, shardtune
-from launcher.app import compose
+from launcher.compose import compose
 from trainer.config import ConfigError, RootConfig
 from trainer.ds_config import build_ds_config
 from trainer.validate import validate

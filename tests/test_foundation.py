@@ -119,6 +119,38 @@ def test_stop_and_resume_continues_the_same_curve(runs, tmp_path, name):
     assert diff <= 1e-5
 
 
+@pytest.mark.parametrize("how", ["tilde", "relative"])
+def test_resume_from_a_path_given_with_tilde_or_relative_to_the_launcher(runs, tmp_path, how):
+    """The launcher decides (launcher/resume.py) and the ranks obey control/resume.json: `~` is
+    expanded and a relative path is taken from where the launcher runs (the ranks' working directory
+    may differ, e.g. under Slurm). Before, `resume=~/...` passed the launcher and failed on every rank."""
+    import os
+
+    from helpers import REPO
+
+    source = runs["zero0_1rank"] / "checkpoints" / "step-00000008"
+    home = tmp_path / "home"
+    home.mkdir()
+    os.symlink(runs["zero0_1rank"], home / "earlier")
+    given = ("~/earlier/checkpoints/step-00000008" if how == "tilde"
+             else os.path.relpath(source, REPO))  # helpers run shardtune from the checkout
+    run_dir = tmp_path / "continued"
+    proc = train(run_dir, *COMMON, "deepspeed=zero0", "cluster.nproc_per_node=1", "train.micro_batch_size=4",
+                 "train.max_steps=10", f'resume="{given}"', env={"HOME": str(home)})  # Hydra needs ~ quoted
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    decision = json.loads((run_dir / "control" / "resume.json").read_text())
+    assert decision["resume_from"] == str(source.resolve())
+    assert "resumed from" in proc.stdout
+    assert [r["step"] for r in metrics(run_dir)] == [9, 10]
+
+
+def test_a_resume_path_that_is_no_checkpoint_is_refused_before_any_rank_starts(tmp_path):
+    proc = train(tmp_path / "run", f"resume={tmp_path / 'nowhere'}")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"resume={tmp_path / 'nowhere'}" in proc.stdout and "resume=auto or resume=never" in proc.stdout
+    assert not (tmp_path / "run" / "heartbeats").exists()  # no rank ever started
+
+
 def _model_with_dropout(folder):
     """The tiny model's seeded init as a local folder, with attention dropout switched on."""
     import shutil

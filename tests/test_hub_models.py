@@ -119,7 +119,7 @@ def test_a_local_folder_with_an_org_name_shape_wins(tmp_path, monkeypatch, tiny_
 
 
 def test_validation_accepts_a_cached_id_and_refuses_a_missing_one_offline(hub_cache, monkeypatch):
-    from launcher.app import compose
+    from launcher.compose import compose
     from trainer.validate import ConfigError
 
     cfg = compose(["model=local", f"model.name_or_path={REPO_ID}", "peft=lora"])

@@ -48,10 +48,16 @@ def test_the_locks_differ_only_in_the_torch_build():
 
 
 def test_every_third_party_import_is_declared():
+    import ast
+    import sys
+
     modules = set()
     for path in list((REPO / "launcher").rglob("*.py")) + list((REPO / "trainer").rglob("*.py")):
-        modules |= set(re.findall(r"^\s*(?:from|import) ([A-Za-z_][A-Za-z0-9_]*)", path.read_text(), re.M))
-    import sys
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
 
     third_party = {m for m in modules if m not in sys.stdlib_module_names and m not in ("launcher", "trainer")}
     import_names = {"yaml": "pyyaml", "hydra": "hydra-core", "huggingface_hub": "huggingface-hub"}

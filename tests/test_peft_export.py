@@ -96,7 +96,7 @@ def test_target_modules_that_match_nothing_are_refused_before_launch(tmp_path):
     """Module names differ per architecture: GPT-2 has c_attn/c_proj/c_fc, not q_proj/v_proj."""
     from transformers import GPT2Config
 
-    from launcher.app import compose
+    from launcher.compose import compose
 
     GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=2048).save_pretrained(tmp_path / "gpt2")
     gpt2 = ["model=local", f"model.name_or_path={tmp_path / 'gpt2'}", "model.random_init=true"]

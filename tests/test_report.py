@@ -179,7 +179,7 @@ def test_sweep_report_one_line_per_trial(tmp_path):
 
 
 def test_prompts_and_prompt_style(tmp_path):
-    from launcher.app import compose
+    from launcher.compose import compose
     from trainer.evaluation import encode_prompt, load_prompts, resolve_prompt_style
     from trainer.model import build_tokenizer
 
@@ -195,7 +195,7 @@ def test_prompts_and_prompt_style(tmp_path):
 
 
 def test_missing_prompts_file_is_a_config_error():
-    from launcher.app import compose
+    from launcher.compose import compose
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="eval.prompts_file='/nope.txt' is not a file"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import shardtune
-from launcher.app import compose
+from launcher.compose import compose
 from launcher.node import node_command, read_hostfile
 from launcher.slurm import in_allocation, render_script
 from trainer.validate import ConfigError

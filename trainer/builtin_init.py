@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from trainer.pretrained import DEFAULT_CACHE, publish_once, save_whole_model
+from trainer.pretrained import DEFAULT_CACHE, publish_once
+from trainer.weights import save_whole_model
 
 MARKER = ".shardtune-init.json"  # written last: the folder is complete
 

@@ -44,6 +44,28 @@ def recorded_exit(run_dir: Path) -> Optional[int]:
         return None
 
 
+RESUME_DECISION = "resume.json"
+
+
+def record_resume_decision(run_dir: Path, resume_from: Optional[Path], universal: bool, reason: str) -> None:
+    """control/resume.json: what the workers of this launch resume from (an absolute checkpoint folder,
+    or null for a fresh start). Written by the launcher, the one place that decides; ranks obey it."""
+    from trainer.checkpoint import write_atomic
+
+    control_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    decision = {"resume_from": str(resume_from) if resume_from else None, "universal": universal,
+                "reason": reason, "decided_by": launcher_identity(), "time": time.time()}
+    write_atomic(control_dir(run_dir) / RESUME_DECISION, json.dumps(decision, indent=1) + "\n")
+
+
+def resume_decision(run_dir: Path) -> Optional[dict]:
+    """The launcher's decision for this launch; None if no launcher wrote one."""
+    try:
+        return json.loads((control_dir(run_dir) / RESUME_DECISION).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def stop_file(run_dir: Path) -> Path:
     return control_dir(run_dir) / "stop"
 

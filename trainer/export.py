@@ -24,55 +24,9 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+from trainer.weights import DEFAULT_SHARD_BYTES, ShardWriter
+
 PROBE_FILE = "export_probe.pt"  # in the run dir: the trainer's own logits on a fixed input
-
-
-class ShardWriter:
-    """Append tensors; a shard file is written (and freed) each time `max_bytes` would be exceeded."""
-
-    def __init__(self, out_dir: Path, max_bytes: int = DEFAULT_SHARD_BYTES):
-        self.out_dir, self.max_bytes = Path(out_dir), max_bytes
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.pending: Dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[Tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.pending:
-            return
-        name = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.out_dir / name), metadata={"format": "pt"})
-        os.chmod(self.out_dir / name, 0o644)  # safetensors creates 0600; others load exports too
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[Path]:
-        """Give the shards their final names (and an index if more than one); return their paths."""
-        self.flush()
-        if len(self.files) == 1:
-            os.replace(self.out_dir / self.files[0][0], self.out_dir / "model.safetensors")
-            return [self.out_dir / "model.safetensors"]
-        weight_map, paths = {}, []
-        for i, (tmp, names) in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
-            os.replace(self.out_dir / tmp, self.out_dir / final)
-            weight_map.update({n: final for n in names})
-            paths.append(self.out_dir / final)
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return paths
 
 
 def _gathered(params):

@@ -251,25 +251,6 @@ def publish_once(out_dir: Path, marker: str, write_into: Callable[[Path], dict],
     return out_dir
 
 
-def save_whole_model(model, folder: Path) -> None:
-    """Weights (sharded safetensors with an index past 2 GB), config and generation config of a model
-    held whole in this process, written by this process whatever its torch.distributed rank (unlike
-    `save_pretrained`, which since transformers 5.25 writes them on rank 0 only)."""
-    from trainer.export import ShardWriter
-
-    writer = ShardWriter(folder)
-    for name, param in model.named_parameters():  # tied weights appear once, as transformers expects
-        writer.add(name, param.data)
-    persistent = set(model.state_dict().keys())
-    for name, buffer in model.named_buffers():
-        if name in persistent:
-            writer.add(name, buffer)
-    writer.close()
-    model.config.save_pretrained(folder)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(folder)
-
-
 # ---------------------------------------------------------------- GGUF
 def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
                  replace_incomplete: bool = False) -> Path:
@@ -309,6 +290,8 @@ def _convert_into(gguf_file: Path, folder: Path, dtype: torch.dtype) -> dict:
         model.generation_config = GenerationConfig.from_model_config(model.config)
     model.config.dtype = _dtype_name(dtype)
     model.config.architectures = [type(model).__name__]
+    from trainer.weights import save_whole_model
+
     save_whole_model(model, folder)
     tokenizer.init_kwargs.pop("local_files_only", None)  # a load option, not a tokenizer setting
     tokenizer.save_pretrained(folder)

@@ -119,15 +119,22 @@ def warn_if_data_changed(saved: dict, sampler, log) -> None:
 
 
 def find_resume(run_dir: Path, cfg: RootConfig, log):
-    if cfg.resume == "never":
+    """The checkpoint the launcher decided on (launcher/resume.py): ranks never search themselves, so
+    every rank of every node resumes from the same folder, whatever its working directory."""
+    from trainer.control import RESUME_DECISION, resume_decision
+
+    decision = resume_decision(run_dir)
+    if decision is None:
+        raise SystemExit(f"{run_dir}/control/{RESUME_DECISION} is missing: start workers through `shardtune train` "
+                         f"(run.launch=print writes it and prints the commands), or run `python -m launcher.resume "
+                         f"--run-dir {run_dir}` before starting them by hand")
+    if decision["resume_from"] is None:
         return None
-    if cfg.resume != "auto":
-        folder = Path(cfg.resume)
-        problem = checkpoint.verify(folder)
-        if problem:
-            raise SystemExit(f"resume={cfg.resume}: {problem}")
-        return folder
-    return checkpoint.find_resume_checkpoint(checkpoint.checkpoint_root(run_dir), log=log)
+    folder = Path(decision["resume_from"])
+    problem = checkpoint.verify(folder, deep=False)  # the launcher checked its content moments ago
+    if problem:
+        raise SystemExit(f"resume from {folder} (control/{RESUME_DECISION}): {problem}")
+    return folder
 
 
 def write_exit(run_dir: Path, info: DistInfo, code: int, detail: str = "") -> None:

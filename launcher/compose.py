@@ -1,0 +1,65 @@
+"""Compose a config exactly as `shardtune train` does, without launching: Hydra's one entry point
+for every command (train, preflight, data preview, bench), and the one answer to "is there a GPU?".
+
+Hydra runs only in the launcher: the workers read the resolved run directory.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from launcher.resources import BUNDLED, CONFIG_DIR
+from trainer.config import RootConfig, to_config
+from trainer.validate import ConfigError, validate
+
+__all__ = ["CONFIG_DIR", "register", "has_cuda", "compose", "composition_problem", "ConfigError"]
+
+
+def register() -> None:
+    """Make the schema and the `${st.root:}` resolver known to Hydra: the folder of shardtune's own
+    files (`${st.root:}/samples/...` is the shipped sample data, in a checkout or a wheel)."""
+    ConfigStore.instance().store(name="shardtune_schema", node=RootConfig)
+    if not OmegaConf.has_resolver("st.root"):
+        OmegaConf.register_new_resolver("st.root", lambda: str(BUNDLED))
+
+
+def has_cuda(cfg: RootConfig) -> bool:
+    """Whether this launch runs on GPUs: cluster.device=cpu says no, else whether CUDA is visible here."""
+    if cfg.cluster.device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
+    """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
+
+    For the subcommands that need a config but no run (preflight, data preview, bench).
+    """
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
+            node = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
+        raise ConfigError([composition_problem(err)]) from None
+    cfg = to_config(node)
+    return validate(cfg, has_cuda=has_cuda(cfg), check_files=validate_files)
+
+
+def composition_problem(err: Exception) -> str:
+    """Hydra's message for a bad override, with the schema's reason (e.g. "Key 'foo' not in 'TrainConfig'")."""
+    text = str(err).split("Config search path:")[0]  # Hydra's search path tells a user nothing here
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        reason = str(cause).splitlines()[0]
+        if reason not in lines:
+            lines.append(reason)
+    return "\n    ".join(lines)

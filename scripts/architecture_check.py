@@ -1,0 +1,87 @@
+"""Figures for docs/architecture.md, read from the code (issue: one owner for every concept).
+
+    python scripts/architecture_check.py
+
+Prints: import cycles among launcher/ and trainer/ modules (module-level and in-function imports
+alike), imports from the launcher into trainer modules, in-function imports, and run-directory file
+names written as literals outside their owner.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("launcher", "trainer")
+
+
+def modules() -> dict:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found[".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
+    return found
+
+
+def imports(path: Path, known: dict):
+    """(module imported, inside a function?) for every import in `path`; `from pkg import mod` counts
+    as an import of pkg.mod (not of the package's __init__)."""
+    tree = ast.parse(path.read_text())
+    in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                   for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        for name in names:
+            yield name, id(node) in in_function
+
+
+def cycles(graph: dict) -> set:
+    found = set()
+
+    def walk(start, node, path):
+        for dep in graph.get(node, ()):
+            if dep == start:
+                found.add(tuple(sorted(path)))
+            elif dep not in path and len(path) < 8:
+                walk(start, dep, path + [dep])
+    for module in graph:
+        walk(module, module, [module])
+    return found
+
+
+def main() -> int:
+    mods = modules()
+    graph, in_function, launcher_to_trainer = {}, 0, []
+    for name, path in mods.items():
+        deps = set()
+        for imported, nested in imports(path, mods):
+            if imported.split(".")[0] in PACKAGES:
+                deps.add(imported)
+                if name.startswith("launcher") and imported.startswith("trainer"):
+                    launcher_to_trainer.append((name, imported))
+            in_function += nested
+        graph[name] = deps & set(mods)
+    loops = cycles(graph)
+    print(f"import cycles: {len(loops)}")
+    for loop in sorted(loops):
+        print("   ", " <-> ".join(loop))
+    print(f"in-function imports: {in_function}")
+    print(f"launcher -> trainer import statements: {len(launcher_to_trainer)} "
+          f"({len({t for _, t in launcher_to_trainer})} trainer modules)")
+    literal = re.compile(r'"(config\.yaml|ds_config\.json|env\.json|launches\.jsonl|metrics\.jsonl|exit\.json|'
+                         r'resume\.json|export\.json|job\.sbatch|slurm_job_id)"')
+    where = [f"{p.relative_to(ROOT)}:{i}" for p in mods.values() for i, line in enumerate(p.read_text().splitlines(), 1)
+             if literal.search(line)]
+    print(f"run-directory file-name literals: {len(where)} in {len({w.split(':')[0] for w in where})} files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
