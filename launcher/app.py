@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from launcher.compose import CONFIG_DIR, has_cuda, register
 from launcher.rundir import world_size, write_run_dir
 from trainer.config import RootConfig, to_config
+from trainer.run_dir import RunDir
 from trainer.validate import ConfigError, validate
 
 _exit_codes: List[int] = []
@@ -74,12 +75,12 @@ def launch_lock(run_dir: Path, shared_by_nodes: bool = False):
     started in the same second both pass the process check, but only one gets the lock (the
     kernel drops it when the launcher dies, however it dies). No-ssh node launchers share run.dir and
     take none; on a file system without locks the process check (refuse_if_in_use) is what remains."""
-    from trainer.control import control_dir, launcher_identity
+    from trainer.control import launcher_identity
 
     if shared_by_nodes:
         yield
         return
-    path = control_dir(run_dir) / "launch.lock"
+    path = RunDir(run_dir).launch_lock
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")

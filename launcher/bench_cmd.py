@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from launcher.resources import CODE_ROOT, HF_PEER_SCRIPT
+from trainer.run_dir import RunDir
 
 # Settings that keep a bench run to training steps only: no eval, checkpoints or exports in between.
 BENCH_OVERRIDES = ["train.timing=true", "checkpoint.every_steps=0", "checkpoint.save_final=false",
@@ -59,7 +60,7 @@ def run_hf(run_dir: Path, out: Path, steps: int, world: int, env: Dict[str, str]
 
 def summarize(folder: Path, warmup: int, flops_token_fn, peak_total: Optional[float]) -> dict:
     """bench figures of one run from its timing/rank*.json files."""
-    ranks = [json.loads(p.read_text()) for p in sorted((folder / "timing").glob("rank*.json"))]
+    ranks = [json.loads(p.read_text()) for p in sorted(RunDir(folder).timing.glob("rank*.json"))]
     timed = [[s for s in r["steps"] if s["step"] >= warmup] for r in ranks]
     n = min(len(t) for t in timed)
     if n == 0:

@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from trainer.run_dir import RunDir
+
 PROBE_TEXT = "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level."
 MERGE_TOLERANCE = 1e-4  # max |logit difference|, merged vs base + adapter, in fp32
 
@@ -155,6 +157,15 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
     return facts
 
 
+def saved_zero_stage(run_dir: Path, folder: Path) -> int:
+    """The ZeRO stage the checkpoint's shards were written with: its own record (the run's current
+    ds_config.json may belong to a later launch on another stage); older checkpoints lack it."""
+    from trainer.train_state import TrainState
+
+    stage = TrainState.read(folder).zero_stage if TrainState.exists(folder) else None
+    return stage if stage is not None else RunDir(run_dir).read_ds_config()["zero_optimization"]["stage"]
+
+
 def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool = False,
                dtype: str = "float32", max_bytes: int = 2 * 10**9) -> dict:
     """Write `out` from a checkpoint of `run_dir`; returns what was done (also saved in out)."""
@@ -166,8 +177,8 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
-    stage = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
     folder = find_checkpoint(run_dir, step)
+    stage = saved_zero_stage(run_dir, folder)
     torch_dtype = getattr(torch, dtype)
     if out.exists():
         shutil.rmtree(out)
@@ -189,7 +200,7 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
 
 def main(argv: List[str]) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.run_dir / "config.yaml").is_file():
+    if not RunDir(args.run_dir).is_run():
         print(f"shardtune export: {args.run_dir} is not a shardtune run directory (no config.yaml)", file=sys.stderr)
         return 2
     facts = export_run(args.run_dir, args.out, args.step, args.merge, args.dtype, args.max_shard_size)

@@ -23,6 +23,7 @@ from launcher.local import run_workers, worker_env
 from launcher.node import node_command, read_hostfile, start_node
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
+from trainer.run_dir import RunDir
 
 
 def host_names(cfg: RootConfig) -> List[str]:
@@ -118,7 +119,7 @@ def write_remote_env(cfg: RootConfig, on_gpu: bool, run_dir: Path) -> Path:
         keys.append("DS_ACCELERATOR")
     if choose_allocator(cfg.cluster.allocator, on_gpu):  # the same library path on every host
         keys += ["LD_PRELOAD", "MALLOC_CONF"]
-    path = run_dir / "deepspeed_env"
+    path = RunDir(run_dir).deepspeed_env
     path.write_text("".join(f"{k}={env[k]}\n" for k in keys if env.get(k)))
     return path
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Tuple
 from launcher.resources import CODE_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
+from trainer.run_dir import RunDir
 from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank, describe_stragglers,
                              launcher_identity, likely_stuck, read_heartbeats, record_exit, recorded_exit,
                              request_stop, stale_ranks)
@@ -107,7 +108,7 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_t
     `heartbeat_timeout_s` (0: no watchdog) ends the whole job with EXIT_HUNG and a message naming it.
     Whatever happens, every process of the job is gone when this returns (no orphans).
     """
-    for stale in (Path(run_dir) / "heartbeats").glob("rank*.json"):
+    for stale in RunDir(run_dir).heartbeat_files():
         stale.unlink()  # an earlier launch's heartbeats would look like a hang at once
     env = {**env, LAUNCHER_ENV: launcher_identity()}  # ranks that outlive us checkpoint and stop
     process = subprocess.Popen(argv, env=env, start_new_session=True)

@@ -24,6 +24,7 @@ from launcher.compose import has_cuda
 from launcher.local import prepare_model_source, run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
+from trainer.run_dir import RunDir
 from trainer.control import NODE_ENV, node_identity
 
 
@@ -57,7 +58,7 @@ def node_command(cfg: RootConfig, run_dir: Path, node_rank: int, hosts: Sequence
     if not use_deepspeed:  # one rank on this node: no launcher process in between
         return ([sys.executable, "-m", "trainer", "--run-dir", str(run_dir)],
                 {**rendezvous, "RANK": str(node_rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(nnodes)})
-    hostfile = write_hostfile(run_dir / f"hostfile.node{node_rank}", hosts, nproc)
+    hostfile = write_hostfile(RunDir(run_dir).hostfile(node_rank), hosts, nproc)
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
             "--node_rank", str(node_rank), "--master_addr", addr, "--master_port", str(port),
             "--module", "trainer", "--run-dir", str(run_dir)]

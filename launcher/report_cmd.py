@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import List
 
+from trainer.run_dir import RunDir
+
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="shardtune report", description=(
@@ -24,7 +26,7 @@ def main(argv: List[str]) -> int:
         rows = write_sweep_report(folder)
         print(f"sweep report: {folder / 'report.html'} ({len(rows)} trials)")
         return 0
-    if not (folder / "config.yaml").is_file() and not (folder / "metrics.jsonl").is_file():
+    if not RunDir(folder).is_run() and not RunDir(folder).metrics.is_file():
         print(f"shardtune report: {folder} is neither a run directory (config.yaml, metrics.jsonl) nor a sweep "
               "directory (trial-*/ folders)", file=sys.stderr)
         return 2

@@ -1,13 +1,9 @@
-"""Write the run directory: everything a worker needs, resolved, so workers never run Hydra.
-
-    config.yaml      the composed, validated, fully resolved config
-    ds_config.json   the exact DeepSpeed config the engine gets (derived, never hand-kept)
-    env.json         versions, git revision, host, world size, device: facts for reproducing
-    launches.jsonl   one line per launch into this directory (resumes append)
+"""Write the run directory for a launch: everything a worker needs, resolved, so workers never run
+Hydra: the config, the DeepSpeed config derived from it, the environment's facts, a launch record.
+(The names of the files are trainer/run_dir.py's.)
 """
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import subprocess
@@ -18,8 +14,8 @@ from pathlib import Path
 
 from launcher.resources import CODE_ROOT
 from trainer.config import RootConfig, save_run_config
-from trainer.control import control_dir
 from trainer.ds_config import build_ds_config
+from trainer.run_dir import RunDir
 
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "datasets", "hydra-core", "wandb", "shardtune")
 
@@ -52,8 +48,7 @@ def world_size(cfg: RootConfig) -> int:
 def rewrite_for_launch(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> None:
     """config.yaml and the ds_config.json derived from it: what the ranks of a launch read."""
     save_run_config(cfg, run_dir)
-    ds_config = build_ds_config(cfg, world_size(cfg), on_gpu)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    RunDir(run_dir).write_json(RunDir(run_dir).ds_config, build_ds_config(cfg, world_size(cfg), on_gpu))
 
 
 def write_run_dir(cfg: RootConfig, on_gpu: bool, overrides: list[str]) -> Path:
@@ -65,10 +60,10 @@ def write_run_dir(cfg: RootConfig, on_gpu: bool, overrides: list[str]) -> Path:
     facts = {"versions": package_versions(), "python": sys.version.split()[0], "platform": platform.platform(),
              "git_revision": git_revision(), "host": socket.gethostname(), "world_size": world_size(cfg),
              "device": "cuda" if on_gpu else "cpu", "overrides": overrides, "time": time.time()}
-    (run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
-    with open(run_dir / "launches.jsonl", "a") as handle:
-        handle.write(json.dumps({"time": facts["time"], "overrides": overrides, "world_size": facts["world_size"]}) + "\n")
+    paths = RunDir(run_dir)
+    paths.write_json(paths.env, facts)
+    paths.append_launch({"time": facts["time"], "overrides": overrides, "world_size": facts["world_size"]})
     # A stop request or exit status from an earlier launch must not leak into this one.
-    for stale in ("stop", "exit.json"):
-        (control_dir(run_dir) / stale).unlink(missing_ok=True)
+    for stale in (paths.stop_request, paths.exit_record):
+        stale.unlink(missing_ok=True)
     return run_dir

@@ -19,22 +19,14 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from trainer.control import EXIT_RESUME_ME, control_dir, recorded_exit
+from trainer.control import EXIT_RESUME_ME, recorded_exit
+from trainer.run_dir import RunDir
 
 TRIAL_FILE = "trial.json"
 
 
 def read_metrics(run_dir: Path) -> List[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written right now
-    return records
+    return RunDir(run_dir).read_metrics()
 
 
 def final_value(records: List[dict], key: str) -> Optional[float]:
@@ -49,7 +41,7 @@ def final_value(records: List[dict], key: str) -> Optional[float]:
 def record_trial(trial_dir: Path, cfg, code: int, overrides: List[str], wall_s: float) -> float:
     """Write trial.json for one trial of a sweep; return its metric (+inf when it has none)."""
     metric_name = cfg.run.sweep_metric if cfg is not None else "eval_loss"
-    submitted = cfg is not None and cfg.cluster.backend == "slurm" and (trial_dir / "slurm_job_id").exists()
+    submitted = cfg is not None and cfg.cluster.backend == "slurm" and RunDir(trial_dir).slurm_job_id.exists()
     if submitted and code == 0:
         status = "submitted"
     else:
@@ -59,7 +51,7 @@ def record_trial(trial_dir: Path, cfg, code: int, overrides: List[str], wall_s: 
              "code": code, "status": status, "overrides": overrides, "run_dir": str(trial_dir),
              "wall_s": round(wall_s, 2), "metric": metric_name, "value": metric}
     if submitted:
-        trial["job_id"] = (trial_dir / "slurm_job_id").read_text().strip()
+        trial["job_id"] = RunDir(trial_dir).slurm_job_id.read_text().strip()
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / TRIAL_FILE).write_text(json.dumps(trial) + "\n")
     return metric if metric is not None else math.inf
@@ -69,8 +61,8 @@ def current_status(trial: dict, run_dir: Path) -> str:
     """A Slurm trial's status is known only later, from the run's own exit record."""
     if trial["status"] != "submitted":
         return trial["status"]
-    if not (control_dir(run_dir) / "exit.json").exists():
-        return "running" if (run_dir / "metrics.jsonl").exists() else "pending"
+    if not RunDir(run_dir).exit_record.exists():
+        return "running" if RunDir(run_dir).metrics.exists() else "pending"
     code = recorded_exit(run_dir)  # None: cut short (a full disk), counted as failed
     return "completed" if code == 0 else "stopped" if code == EXIT_RESUME_ME else "failed"
 

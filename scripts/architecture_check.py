@@ -21,6 +21,8 @@ def modules() -> dict:
     found = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
+            if "bundled" in path.parts:  # links to scripts/ and data shipped in the wheel
+                continue
             found[".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
     return found
 
@@ -56,7 +58,12 @@ def cycles(graph: dict) -> set:
     return found
 
 
-def main() -> int:
+LITERAL = re.compile(r'"(config\.yaml|ds_config\.json|env\.json|launches\.jsonl|metrics\.jsonl|exit\.json|'
+                     r'resume\.json|export\.json|export_probe\.pt|generations\.jsonl|job\.sbatch|slurm_job_id|'
+                     r'slurm_jobs\.jsonl|wandb_run_id|deepspeed_env)"')
+
+
+def measure() -> dict:
     mods = modules()
     graph, in_function, launcher_to_trainer = {}, 0, []
     for name, path in mods.items():
@@ -68,18 +75,23 @@ def main() -> int:
                     launcher_to_trainer.append((name, imported))
             in_function += nested
         graph[name] = deps & set(mods)
-    loops = cycles(graph)
-    print(f"import cycles: {len(loops)}")
-    for loop in sorted(loops):
+    literals = [f"{path.relative_to(ROOT)}:{number}" for name, path in mods.items() if name != "trainer.run_dir"
+                for number, line in enumerate(path.read_text().splitlines(), 1) if LITERAL.search(line)]
+    return {"cycles": sorted(cycles(graph)), "in_function_imports": in_function,
+            "launcher_to_trainer": launcher_to_trainer, "run_dir_literals": literals}
+
+
+def main() -> int:
+    facts = measure()
+    print(f"import cycles: {len(facts['cycles'])}")
+    for loop in facts["cycles"]:
         print("   ", " <-> ".join(loop))
-    print(f"in-function imports: {in_function}")
-    print(f"launcher -> trainer import statements: {len(launcher_to_trainer)} "
-          f"({len({t for _, t in launcher_to_trainer})} trainer modules)")
-    literal = re.compile(r'"(config\.yaml|ds_config\.json|env\.json|launches\.jsonl|metrics\.jsonl|exit\.json|'
-                         r'resume\.json|export\.json|job\.sbatch|slurm_job_id)"')
-    where = [f"{p.relative_to(ROOT)}:{i}" for p in mods.values() for i, line in enumerate(p.read_text().splitlines(), 1)
-             if literal.search(line)]
-    print(f"run-directory file-name literals: {len(where)} in {len({w.split(':')[0] for w in where})} files")
+    print(f"in-function imports: {facts['in_function_imports']}")
+    pairs = facts["launcher_to_trainer"]
+    print(f"launcher -> trainer imports: {len(pairs)} (of {len({t for _, t in pairs})} trainer modules)")
+    print(f"run-directory file names as literals outside trainer/run_dir.py: {len(facts['run_dir_literals'])}")
+    for where in facts["run_dir_literals"]:
+        print("   ", where)
     return 0
 
 

@@ -123,13 +123,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
-    import json
-
     from trainer.config import load_run_config
+    from trainer.run_dir import RunDir
     from trainer.timing import PhaseTimer
 
     cfg = load_run_config(args.run_dir)
-    ds_config = json.loads((Path(args.run_dir) / "ds_config.json").read_text())
+    ds_config = RunDir(args.run_dir).read_ds_config()
     out = Path(args.out)
     device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     timer = StepTimer(device)

@@ -343,3 +343,17 @@ def test_a_resume_with_another_model_or_adapter_is_refused_before_launch(tmp_pat
     assert "peft.r" not in proc.stdout.split("cannot resume")[1].split("resume with")[0]  # only what applies
     proc = shardtune("train", f"run.dir={tmp_path}", "peft=lora", "peft.r=8", "run.launch=dry_run")
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_train_state_round_trips_and_reads_older_checkpoints(tmp_path):
+    """One schema for what a checkpoint records (trainer/train_state.py): written once by the save,
+    read by the worker, the launcher and export; a file from an older shardtune reads with defaults."""
+    from trainer.train_state import TrainState
+
+    state = TrainState(step=12, tokens_seen=3456, nonfinite_streak=1, skipped_steps=[7], data={"epoch": 0},
+                       world_size=2, global_batch=8, layout={"peft.method": "lora"}, zero_stage=3)
+    (tmp_path / checkpoint.STATE).write_text(state.to_json())
+    assert TrainState.read(tmp_path) == state == checkpoint.read_state(tmp_path)
+    (tmp_path / checkpoint.STATE).write_text(json.dumps({"step": 4, "tokens_seen": 10, "unknown_key": 1}))
+    old = TrainState.read(tmp_path)
+    assert (old.step, old.tokens_seen, old.world_size, old.zero_stage, old.skipped_steps) == (4, 10, None, None, [])

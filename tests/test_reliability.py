@@ -255,7 +255,7 @@ def test_t2_signals_stop_all_ranks_at_one_step_and_lose_nothing(reference, tmp_p
         print(f"T2: {sig.name} to the {target} in step {step}: exit {code}, checkpoint committed "
               f"{manifest.stat().st_mtime - signalled_at:.1f}s after the signal")
         assert checkpoint.verify(manifest.parent) is None
-        assert checkpoint.read_state(manifest.parent)["step"] == step
+        assert checkpoint.read_state(manifest.parent).step == step
         beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("rank*.json")]
         assert {(b["step"], b["phase"]) for b in beats} == {(step, "done")}, beats  # both ranks, same step
         assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 1))  # 0 steps lost

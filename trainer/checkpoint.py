@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from dataclasses import replace
 import os
 import random
 import re
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 from trainer.distributed import DistInfo, barrier
+from trainer.run_dir import RunDir
+from trainer.train_state import FILE as TRAIN_STATE_FILE, TrainState
 
 class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded or committed; the message names the file."""
@@ -39,7 +42,7 @@ class CheckpointError(RuntimeError):
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
-STATE = "trainer_state.json"
+STATE = TRAIN_STATE_FILE  # trainer/train_state.py owns what it holds
 TAG_PREFIX = "step-"
 
 
@@ -48,7 +51,7 @@ def tag_for(step: int) -> str:
 
 
 def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 # ---------------------------------------------------------------- RNG state of one rank
@@ -237,9 +240,9 @@ def _report_latest(latest: Path, candidates: List[str], log) -> None:
             log(f"{latest}: names {named!r}, which is not a committed checkpoint; ignoring it")
 
 
-def read_state(folder: Path) -> Dict[str, Any]:
-    """The loop state saved with a checkpoint (step, data position, world size, ZeRO stage, ...)."""
-    return json.loads((Path(folder) / STATE).read_text())
+def read_state(folder: Path) -> TrainState:
+    """The train state saved with a checkpoint (step, data position, world size, ZeRO stage, ...)."""
+    return TrainState.read(folder)
 
 
 # ---------------------------------------------------------------- what a checkpoint holds
@@ -282,9 +285,9 @@ def layout_problem(saved: Dict[str, Any], cfg, folder: Path) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- save and load
-def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: DistInfo, keep_last: int,
+def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: int,
          check_finite: bool = True) -> Path:
-    """Write a checkpoint for `step` on every rank, commit it on rank 0, then rotate old ones.
+    """Write a checkpoint for `state.step` on every rank, commit it on rank 0, then rotate old ones.
 
     Order matters for crash safety: shards (every rank) -> rng -> trainer_state -> MANIFEST (the
     commit) -> `latest` -> rotation. A crash anywhere before the manifest leaves a folder that is
@@ -293,7 +296,7 @@ def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: Dis
     of the last (rotating first if that makes room); if not, every rank stops with the reason.
     """
     root = checkpoint_root(run_dir)
-    folder = root / tag_for(step)
+    folder = root / tag_for(state.step)
     problem = None
     if info.is_main:  # the run directory is shared by every node, so one rank checks it
         remove_uncommitted(root)  # crashed saves: never resumed from, and they hold disk space
@@ -305,7 +308,8 @@ def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: Dis
     if _any_rank_failed(problem is not None, info):  # every rank stops here together, nothing written
         raise CheckpointError(problem or "rank 0 found too little disk space for the checkpoint")
     try:
-        engine.save_checkpoint(str(root), tag=folder.name, client_state={"shardtune": loop_state}, save_latest=False)
+        # The train state goes in trainer_state.json alone (below), not also in DeepSpeed's client_state.
+        engine.save_checkpoint(str(root), tag=folder.name, save_latest=False)
         torch.save(rng_state(), folder / f"rng_rank{info.rank}.pt")
     except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
         raise CheckpointError(write_failure(root, folder.name, err)) from err
@@ -314,8 +318,8 @@ def save(engine, run_dir: Path, step: int, loop_state: Dict[str, Any], info: Dis
     if _any_rank_failed(problem is not None, info):
         raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
     if info.is_main:
-        state = {**loop_state, "zero_stage": int(engine.zero_optimization_stage())}
-        write_atomic(folder / STATE, json.dumps(state, indent=1))
+        state = replace(state, zero_stage=int(engine.zero_optimization_stage()))
+        write_atomic(folder / STATE, state.to_json())
         write_manifest(folder)
         write_atomic(root / LATEST, folder.name)
         rotate(root, keep_last)
@@ -427,7 +431,7 @@ def rotate(root: Path, keep_last: int) -> None:
             shutil.rmtree(root / "universal" / tag, ignore_errors=True)
 
 
-def load(engine, folder: Path, info: DistInfo) -> Dict[str, Any]:
+def load(engine, folder: Path, info: DistInfo) -> TrainState:
     """Restore engine, optimizer, scheduler and RNGs from `folder`; return the loop state.
 
     Every rank first safe-loads its stripe of the folder's files, and all ranks agree on the result

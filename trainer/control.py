@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from trainer.run_dir import RunDir
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NONFINITE = 3
@@ -25,7 +27,7 @@ EXIT_RESUME_ME = 75  # EX_TEMPFAIL: stopped cleanly at a checkpoint, resume to c
 
 
 def control_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "control"
+    return RunDir(run_dir).control
 
 
 def record_exit(run_dir: Path, code: int, detail: str = "") -> None:
@@ -33,18 +35,15 @@ def record_exit(run_dir: Path, code: int, detail: str = "") -> None:
     from trainer.checkpoint import write_atomic
 
     control_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    write_atomic(control_dir(run_dir) / "exit.json", json.dumps({"code": code, "detail": detail}))
+    write_atomic(RunDir(run_dir).exit_record, json.dumps({"code": code, "detail": detail}))
 
 
 def recorded_exit(run_dir: Path) -> Optional[int]:
     """The code in control/exit.json; None if there is none, or it was cut short (a full disk)."""
     try:
-        return int(json.loads((control_dir(run_dir) / "exit.json").read_text())["code"])
+        return int(json.loads(RunDir(run_dir).exit_record.read_text())["code"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-RESUME_DECISION = "resume.json"
 
 
 def record_resume_decision(run_dir: Path, resume_from: Optional[Path], universal: bool, reason: str) -> None:
@@ -55,19 +54,16 @@ def record_resume_decision(run_dir: Path, resume_from: Optional[Path], universal
     control_dir(run_dir).mkdir(parents=True, exist_ok=True)
     decision = {"resume_from": str(resume_from) if resume_from else None, "universal": universal,
                 "reason": reason, "decided_by": launcher_identity(), "time": time.time()}
-    write_atomic(control_dir(run_dir) / RESUME_DECISION, json.dumps(decision, indent=1) + "\n")
+    write_atomic(RunDir(run_dir).resume_decision, json.dumps(decision, indent=1) + "\n")
 
 
 def resume_decision(run_dir: Path) -> Optional[dict]:
     """The launcher's decision for this launch; None if no launcher wrote one."""
-    try:
-        return json.loads((control_dir(run_dir) / RESUME_DECISION).read_text())
-    except (OSError, ValueError):
-        return None
+    return RunDir(run_dir).read_json(RunDir(run_dir).resume_decision)
 
 
 def stop_file(run_dir: Path) -> Path:
-    return control_dir(run_dir) / "stop"
+    return RunDir(run_dir).stop_request
 
 
 def request_stop(run_dir: Path, reason: str) -> None:
@@ -124,9 +120,8 @@ class Heartbeat:
     """`<run.dir>/heartbeats/rank{r}.json`: the step and phase this rank is in, and since when."""
 
     def __init__(self, run_dir: Path, rank: int):
-        folder = Path(run_dir) / "heartbeats"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"rank{rank}.json"
+        self.path = RunDir(run_dir).heartbeat(rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.step, self.phase = 0, "start"
         self._writing = threading.Lock()  # keepalive's thread and this one share the .tmp file
@@ -239,7 +234,7 @@ def processes_of_run(run_dir: Path, node: Optional[str] = None) -> list[tuple[in
 
 def read_heartbeats(run_dir: Path) -> list[dict]:
     beats = []
-    for path in sorted((Path(run_dir) / "heartbeats").glob("rank*.json")):
+    for path in RunDir(run_dir).heartbeat_files():
         try:
             beats.append(json.loads(path.read_text()))
         except (OSError, ValueError):

@@ -24,9 +24,9 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from trainer.run_dir import RunDir
 from trainer.weights import DEFAULT_SHARD_BYTES, ShardWriter
 
-PROBE_FILE = "export_probe.pt"  # in the run dir: the trainer's own logits on a fixed input
 
 
 def _gathered(params):
@@ -147,7 +147,7 @@ def export_final(ctx) -> None:
 
     cfg, info = ctx.cfg, ctx.info
     started = time.perf_counter()
-    out = Path(ctx.run_dir) / "export"
+    out = RunDir(ctx.run_dir).export
     if info.is_main:
         _fresh_dir(out)
     barrier()
@@ -175,11 +175,11 @@ def export_final(ctx) -> None:
             write_model_files(base_config, generation, ctx.tokenizer, out, dtype)
         else:
             ctx.tokenizer.save_pretrained(out)  # so the adapter folder alone can chat
-        torch.save({"input_ids": ids, "logits": logits}, Path(ctx.run_dir) / PROBE_FILE)
+        torch.save({"input_ids": ids, "logits": logits}, RunDir(ctx.run_dir).export_probe)
         size = sum(f.stat().st_size for f in out.rglob("*.safetensors") if "base" not in f.parts)
         ctx.log(f"exported {'model' if cfg.peft.method == 'none' else 'adapter'} to {out} "
                 f"({size / 1e6:.2f} MB of weights) in {time.perf_counter() - started:.1f}s")
-        (out.parent / "export.json").write_text(json.dumps(
+        RunDir(ctx.run_dir).export_record.write_text(json.dumps(
             {"dir": str(out), "method": cfg.peft.method, "weights_bytes": size,
              "seconds": round(time.perf_counter() - started, 2)}) + "\n")
     barrier()

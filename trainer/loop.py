@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -28,24 +28,7 @@ from trainer.distributed import DistInfo, sum_across_ranks
 from trainer.profiling import StepProfiler
 from trainer.speed import compiled_frames
 from trainer.timing import lap
-
-
-@dataclass
-class LoopState:
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # trained (label) tokens over all ranks
-    nonfinite_streak: int = 0
-    skipped_steps: List[int] = field(default_factory=list)
-
-    def to_dict(self, sampler: GlobalBatchSampler, world_size: int) -> Dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_streak": self.nonfinite_streak,
-                "skipped_steps": self.skipped_steps, "data": sampler.state_dict(self.step),
-                "world_size": world_size, "global_batch": sampler.global_batch}
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "LoopState":
-        return cls(step=d["step"], tokens_seen=d["tokens_seen"], nonfinite_streak=d.get("nonfinite_streak", 0),
-                   skipped_steps=list(d.get("skipped_steps", [])))
+from trainer.train_state import TrainState
 
 
 @dataclass
@@ -168,17 +151,19 @@ def default_evaluator(ctx: TrainContext, step: int) -> None:
                    "eval_tokens": result["tokens"]})
 
 
-def _save(ctx: TrainContext, state: LoopState) -> None:
+def _save(ctx: TrainContext, state: TrainState) -> None:
     ctx.heartbeat.beat(state.step, "checkpoint")
     started = time.perf_counter()
-    saved = {**state.to_dict(ctx.sampler, ctx.info.world_size), "layout": checkpoint.layout_of(ctx.cfg)}
+    # The position in the data and the shape of the run, as of this step (the ZeRO stage: checkpoint.save).
+    saved = replace(state, data=ctx.sampler.state_dict(state.step), world_size=ctx.info.world_size,
+                    global_batch=ctx.sampler.global_batch, layout=checkpoint.layout_of(ctx.cfg))
     with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):  # a large model's save takes minutes
-        folder = checkpoint.save(ctx.engine, ctx.run_dir, state.step, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
+        folder = checkpoint.save(ctx.engine, ctx.run_dir, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.2f}s ({size / 2**20:.1f} MiB)")
 
 
-def _train_record(state: LoopState, result: Dict[str, Any], lr: float) -> Dict[str, Any]:
+def _train_record(state: TrainState, result: Dict[str, Any], lr: float) -> Dict[str, Any]:
     return {"kind": "train", "step": state.step, "loss": None if result["nonfinite"] else result["loss"],
             "lr": lr, "grad_norm": None if not math.isfinite(result["grad_norm"]) else result["grad_norm"],
             "tokens": state.tokens_seen, "step_tokens": result["tokens"],
@@ -196,7 +181,7 @@ def _report_recompile(ctx: TrainContext, step: int, result: Dict[str, Any]) -> N
                 f"({compiled_frames()} so far): {hint}")
 
 
-def train(ctx: TrainContext, state: LoopState) -> int:
+def train(ctx: TrainContext, state: TrainState) -> int:
     """Run until max_steps or a stop request; return the process exit code."""
     cfg = ctx.cfg
     evaluator = ctx.evaluator or default_evaluator

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
+from trainer.run_dir import RunDir
+
 
 class StepProfiler:
     def __init__(self, steps: int, max_steps: int, run_dir: Path, rank: int, device: torch.device):
         self.first = max(0, max_steps - steps) if steps > 0 else None
         self.last = max_steps - 1
-        self.out = Path(run_dir) / "profile"
+        self.out = RunDir(run_dir).profile
         self.rank, self.device = rank, device
         self.profiler = None
 

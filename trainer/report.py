@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+from trainer.run_dir import RunDir
+
 EXIT_MEANINGS = {0: "finished", 75: "stopped (resumable: train again with the same run.dir)",
                  3: "aborted: too many non-finite steps", 1: "failed", 2: "config error"}
 
@@ -33,33 +35,17 @@ class RunData:
     problems: List[str] = field(default_factory=list)
 
 
-def read_jsonl(path: Path, problems: List[str]) -> List[Dict[str, Any]]:
-    """Every parseable line; a bad line (e.g. the half-written last line of a live run) is noted."""
-    if not path.is_file():
-        problems.append(f"{path.name}: not written (yet)")
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            problems.append(f"{path.name}:{number}: unreadable line skipped")
-    return records
-
-
 def _last_per_step(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One record per step, the last written: a resumed run may have logged a step twice."""
     by_step = {r["step"]: r for r in records if isinstance(r.get("step"), int)}
     return [by_step[s] for s in sorted(by_step)]
 
 
-def read_generations(path: Path, problems: List[str]) -> Dict[int, Dict[str, str]]:
+def read_generations(paths: RunDir, problems: List[str]) -> Dict[int, Dict[str, str]]:
     table: Dict[int, Dict[str, str]] = {}
-    if not path.is_file():
+    if not paths.generations.is_file():
         return table
-    for row in read_jsonl(path, problems):
+    for row in paths.read_table("generations", problems):
         if "prompt" in row and "step" in row:
             table.setdefault(row["step"], {})[row["prompt"]] = row.get("generation", "")
     return dict(sorted(table.items()))
@@ -67,7 +53,7 @@ def read_generations(path: Path, problems: List[str]) -> Dict[int, Dict[str, str
 
 def read_status(run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
     """finished / stopped / failed from control/exit.json; without it, running or silent by heartbeats."""
-    exit_file = run_dir / "control" / "exit.json"
+    exit_file = RunDir(run_dir).exit_record
     if exit_file.is_file():
         try:
             info = json.loads(exit_file.read_text())
@@ -78,7 +64,7 @@ def read_status(run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
         except (ValueError, TypeError):
             return {"state": "failed", "code": None, "meaning": "unreadable control/exit.json", "detail": ""}
     beats, pids = [], []
-    for path in (run_dir / "heartbeats").glob("rank*.json"):
+    for path in RunDir(run_dir).heartbeat_files():
         try:
             beat = json.loads(path.read_text())
             beats.append(beat["time"])
@@ -102,7 +88,7 @@ def read_status(run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
 def _ranks_gone(run_dir: Path, config: Dict[str, Any], pids: List[Any]) -> bool:
     """True when a single-node run written on this host has none of its rank processes alive."""
     try:
-        env = json.loads((run_dir / "env.json").read_text())
+        env = json.loads(RunDir(run_dir).env.read_text())
     except (OSError, ValueError):
         return False
     single_node = (config.get("cluster") or {}).get("nnodes", 1) == 1
@@ -114,7 +100,8 @@ def _ranks_gone(run_dir: Path, config: Dict[str, Any], pids: List[Any]) -> bool:
 def load_run(run_dir: Path) -> RunData:
     run_dir = Path(run_dir)
     run = RunData(run_dir=run_dir)
-    config_path = run_dir / "config.yaml"
+    paths = RunDir(run_dir)
+    config_path = paths.config
     if config_path.is_file():
         import yaml
 
@@ -122,12 +109,12 @@ def load_run(run_dir: Path) -> RunData:
         run.config = yaml.safe_load(run.config_text) or {}
     else:
         run.problems.append("config.yaml: missing (is this a shardtune run directory?)")
-    records = read_jsonl(run_dir / "metrics.jsonl", run.problems)
+    records = paths.read_metrics(run.problems)
     run.train = _last_per_step([r for r in records if r.get("kind") == "train"])
     run.evals = _last_per_step([r for r in records if r.get("kind") == "eval"])
-    run.generations = read_generations(run_dir / "generations.jsonl", run.problems)
-    if (run_dir / "env.json").is_file():
-        run.env = json.loads((run_dir / "env.json").read_text())
+    run.generations = read_generations(paths, run.problems)
+    if paths.env.is_file():
+        run.env = json.loads(paths.env.read_text())
     run.status = read_status(run_dir, run.config)
     return run
 

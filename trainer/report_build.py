@@ -18,36 +18,38 @@ from typing import Any, Dict, List
 from trainer.report import load_run, summarize
 from trainer.report_plots import draw_plots
 from trainer.report_render import CSS, num, pct, render_html, render_markdown
+from trainer.run_dir import RunDir
 
 
 def write_run_report(run_dir: Path) -> Dict[str, Any]:
     """Write the report files of one run directory; returns its summary."""
     run_dir = Path(run_dir)
     run = load_run(run_dir)
-    plots, skipped = draw_plots(run, run_dir / "report")
+    paths = RunDir(run_dir)
+    plots, skipped = draw_plots(run, paths.report)
     summary = summarize(run)
     summary["plots"] = [str(path.relative_to(run_dir)) for _, path in plots]
-    (run_dir / "report" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (run_dir / "report.html").write_text(render_html(run, summary, plots, skipped), encoding="utf-8")
-    (run_dir / "report.md").write_text(render_markdown(run, summary, plots, skipped), encoding="utf-8")
+    (paths.report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths.report_html.write_text(render_html(run, summary, plots, skipped), encoding="utf-8")
+    paths.report_md.write_text(render_markdown(run, summary, plots, skipped), encoding="utf-8")
     return summary
 
 
 def trial_dirs(folder: Path) -> List[Path]:
     """Sub-folders of a sweep that are trials (they hold trial.json or config.yaml), in trial order."""
     found = [d for d in Path(folder).iterdir() if d.is_dir() and ((d / "trial.json").is_file()
-                                                                   or (d / "config.yaml").is_file())]
+                                                                   or RunDir(d).is_run())]
     return sorted(found, key=lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", d.name)])
 
 
 def is_sweep(folder: Path) -> bool:
-    return not (Path(folder) / "config.yaml").is_file() and bool(trial_dirs(folder))
+    return not RunDir(folder).is_run() and bool(trial_dirs(folder))
 
 
 def _trial_row(trial: Path) -> Dict[str, Any]:
     info = json.loads((trial / "trial.json").read_text()) if (trial / "trial.json").is_file() else {}
     row: Dict[str, Any] = {"trial": trial.name, "overrides": info.get("overrides", []), "summary": None}
-    if (trial / "config.yaml").is_file():  # a trial rejected by validation has no run to report
+    if RunDir(trial).is_run():  # a trial rejected by validation has no run to report
         row["summary"] = write_run_report(trial)
     state = row["summary"]["status"]["state"] if row["summary"] else info.get("status", "failed")
     if row["summary"] is None and info.get("code") == 2:

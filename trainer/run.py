@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -21,6 +20,7 @@ from trainer.allocator import in_use as allocator_in_use
 from trainer.config import RootConfig, load_run_config
 from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers, record_exit
 from trainer.distributed import DistInfo, init_distributed, shutdown
+from trainer.run_dir import RunDir
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -36,7 +36,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def load_ds_config(run_dir: Path, cfg: RootConfig, info: DistInfo) -> dict:
     """The launcher's ds_config.json, checked against this launch's world size."""
-    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    ds_config = RunDir(run_dir).read_ds_config()
     if ds_config["train_batch_size"] != cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size:
         raise SystemExit(
             f"{run_dir / 'ds_config.json'} was written for a world size of "
@@ -59,7 +59,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     from omegaconf import OmegaConf
 
     from trainer.data import GlobalBatchSampler, build_datasets
-    from trainer.loop import LoopState, TrainContext
+    from trainer.loop import TrainContext
+    from trainer.train_state import TrainState
     from trainer.metrics import build_sinks
     from trainer.model import build_model, build_tokenizer, count_parameters
     from trainer.optim import build_optimizer, build_scheduler
@@ -80,13 +81,12 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
-    state = LoopState()
+    state = TrainState()
     resume_from = find_resume(run_dir, cfg, log)
     if resume_from is not None:
         load_started = time.perf_counter()
-        loaded = checkpoint.load(engine, resume_from, info)
-        state = LoopState.from_dict(loaded)
-        warn_if_data_changed(loaded.get("data", {}), sampler, log)
+        state = checkpoint.load(engine, resume_from, info)
+        warn_if_data_changed(state.data, sampler, log)
         log(f"resumed from {resume_from} at step {state.step} (loaded in {time.perf_counter() - load_started:.2f}s)")
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
@@ -121,11 +121,11 @@ def warn_if_data_changed(saved: dict, sampler, log) -> None:
 def find_resume(run_dir: Path, cfg: RootConfig, log):
     """The checkpoint the launcher decided on (launcher/resume.py): ranks never search themselves, so
     every rank of every node resumes from the same folder, whatever its working directory."""
-    from trainer.control import RESUME_DECISION, resume_decision
+    from trainer.control import resume_decision
 
     decision = resume_decision(run_dir)
     if decision is None:
-        raise SystemExit(f"{run_dir}/control/{RESUME_DECISION} is missing: start workers through `shardtune train` "
+        raise SystemExit(f"{RunDir(run_dir).resume_decision} is missing: start workers through `shardtune train` "
                          f"(run.launch=print writes it and prints the commands), or run `python -m launcher.resume "
                          f"--run-dir {run_dir}` before starting them by hand")
     if decision["resume_from"] is None:
@@ -133,7 +133,7 @@ def find_resume(run_dir: Path, cfg: RootConfig, log):
     folder = Path(decision["resume_from"])
     problem = checkpoint.verify(folder, deep=False)  # the launcher checked its content moments ago
     if problem:
-        raise SystemExit(f"resume from {folder} (control/{RESUME_DECISION}): {problem}")
+        raise SystemExit(f"resume from {folder} ({RunDir(run_dir).resume_decision}): {problem}")
     return folder
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from trainer.allocator import in_use as allocator_in_use
+from trainer.run_dir import RunDir
 
 PHASES = ("data", "forward", "backward", "loss_allreduce", "optimizer")
 
@@ -101,7 +102,7 @@ class PhaseTimer:
         return facts
 
     def write(self, run_dir: Path, rank: int) -> Path:
-        folder = Path(run_dir) / "timing"
+        folder = RunDir(run_dir).timing
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"rank{rank}.json"
         memory = self.train_memory or self.memory()

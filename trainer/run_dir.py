@@ -1,0 +1,219 @@
+"""The run directory: the interface between the launcher, the ranks and the offline tools.
+
+Every file and folder of a run directory is named here and nowhere else, with the readers and
+writers that more than one side uses. Torch-free: the launcher, `shardtune report` and `shardtune
+stop` import it without loading the worker's dependencies.
+
+    config.yaml        the composed, validated, fully resolved config (launcher -> ranks)
+    ds_config.json     the exact DeepSpeed config the engine gets, derived from config.yaml
+    env.json           versions, git revision, host, world size, device
+    launches.jsonl     one line per launch into this directory (resumes append)
+    metrics.jsonl      one line per logged step and evaluation (rank 0)
+    checkpoints/       step-NNNNNNNN/ folders, each committed by its manifest
+    heartbeats/        rank<N>.json: each rank's last sign of life (the launcher's watchdog reads them)
+    control/           stop (a request), exit.json (how the ranks ended), resume.json (the launcher's
+                       decision of what the ranks resume from), launch.lock
+    generations.jsonl  the evaluation's generations; timing/, profile/: step-time breakdowns
+    export/            the model or adapter written at the end of the run; export.json says what
+    wandb/, wandb_run_id   the W&B run (offline files) and its id, kept across resumes
+    report/, report.html, report.md   `shardtune report`
+    job.sbatch, slurm_job_id, slurm_jobs.jsonl, slurm_submissions.jsonl, hostfile.node<N>,
+    deepspeed_env      Slurm and multi-node launches
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+
+class RunDir:
+    """A run directory at `path` (nothing is created until something is written)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # ------------------------------------------------------------ what the launcher writes
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.path / "ds_config.json"
+
+    @property
+    def env(self) -> Path:
+        return self.path / "env.json"
+
+    @property
+    def launches(self) -> Path:
+        return self.path / "launches.jsonl"
+
+    # ------------------------------------------------------------ what the ranks write
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def table(self, name: str) -> Path:
+        """A table the ranks log row by row (generations.jsonl: the evaluation's generations)."""
+        return self.path / f"{name}.jsonl"
+
+    @property
+    def generations(self) -> Path:
+        return self.table("generations")
+
+    @property
+    def timing(self) -> Path:
+        """timing/rank<N>.json: each rank's step-time breakdown."""
+        return self.path / "timing"
+
+    @property
+    def profile(self) -> Path:
+        return self.path / "profile"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def wandb_run_id(self) -> Path:
+        """The W&B run id, so that a resumed or requeued launch continues the same W&B run."""
+        return self.path / "wandb_run_id"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.path / "heartbeats"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.heartbeats / f"rank{rank}.json"
+
+    def heartbeat_files(self) -> List[Path]:
+        return sorted(self.heartbeats.glob("rank*.json"))
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def export_record(self) -> Path:
+        return self.path / "export.json"
+
+    @property
+    def export_probe(self) -> Path:
+        """The trainer's own logits on a fixed input, to check an offline export against."""
+        return self.path / "export_probe.pt"
+
+    # ------------------------------------------------------------ control: launcher <-> ranks
+    @property
+    def control(self) -> Path:
+        return self.path / "control"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.control / "stop"
+
+    @property
+    def exit_record(self) -> Path:
+        return self.control / "exit.json"
+
+    @property
+    def resume_decision(self) -> Path:
+        return self.control / "resume.json"
+
+    @property
+    def launch_lock(self) -> Path:
+        return self.control / "launch.lock"
+
+    # ------------------------------------------------------------ shardtune report
+    @property
+    def report(self) -> Path:
+        """report/: plots and summary.json; report.html and report.md beside it."""
+        return self.path / "report"
+
+    @property
+    def report_html(self) -> Path:
+        return self.path / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "report.md"
+
+    # ------------------------------------------------------------ Slurm and multi-node
+    @property
+    def job_script(self) -> Path:
+        return self.path / "job.sbatch"
+
+    @property
+    def slurm_job_id(self) -> Path:
+        return self.path / "slurm_job_id"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """One line per start of the job (written by the batch script)."""
+        return self.path / "slurm_jobs.jsonl"
+
+    @property
+    def slurm_submissions(self) -> Path:
+        return self.path / "slurm_submissions.jsonl"
+
+    @property
+    def deepspeed_env(self) -> Path:
+        """The environment DeepSpeed's multi-node runner exports on every host (DS_ENV_FILE)."""
+        return self.path / "deepspeed_env"
+
+    def hostfile(self, node_rank: int) -> Path:
+        return self.path / f"hostfile.node{node_rank}"
+
+    # ------------------------------------------------------------ readers and writers
+    def is_run(self) -> bool:
+        """A launch wrote this directory (a trial refused by validation has none)."""
+        return self.config.is_file()
+
+    def write_json(self, path: Path, value: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value, indent=2) + "\n")
+
+    def read_json(self, path: Path) -> Optional[Any]:
+        """The file's value; None when it is missing or cut short."""
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def read_ds_config(self) -> Dict[str, Any]:
+        return json.loads(self.ds_config.read_text())
+
+    def append_launch(self, record: Dict[str, Any]) -> None:
+        with open(self.launches, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read_metrics(self, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+        """Every parseable line of metrics.jsonl, in order. A line that does not parse (the last line
+        of a live run, being written) is skipped, and noted in `problems` when given."""
+        return list(_jsonl(self.metrics, problems))
+
+    def read_table(self, name: str, problems: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+        return list(_jsonl(self.table(name), problems))
+
+
+def _jsonl(path: Path, problems: Optional[List[str]]) -> Iterator[Dict[str, Any]]:
+    if not path.is_file():
+        if problems is not None:
+            problems.append(f"{path.name}: not written (yet)")
+        return
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            if problems is not None:
+                problems.append(f"{path.name}:{number}: unreadable line skipped")
