@@ -91,17 +91,17 @@ def decide_resume(cfg: RootConfig, world: int, convert: bool = True, converts_he
     if not (folder / checkpoint.STATE).is_file():
         return ResumeDecision(folder, False, f"resume={cfg.resume}: {folder.name}")
     state = checkpoint.read_state(folder)
-    problem = checkpoint.layout_problem(state["layout"], cfg, folder) if "layout" in state else None
+    problem = checkpoint.layout_problem(state.layout, cfg, folder) if state.layout is not None else None
     if problem:
         raise ConfigError([problem])
-    saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    saved_world, saved_stage = state.world_size, state.zero_stage
     if saved_world in (None, world) and saved_stage in (None, cfg.deepspeed.stage):
         return ResumeDecision(folder, False, f"resume={cfg.resume}: {folder.name}")
     if cfg.deepspeed.stage == 0 or saved_stage == 0:
         raise ConfigError([f"cannot resume {folder} (ZeRO stage {saved_stage}, {saved_world} ranks) with "
                            f"deepspeed.stage={cfg.deepspeed.stage} on {world} ranks: a change of world size "
                            "or stage needs ZeRO 1-3 on both sides"])
-    keep_global_batch(cfg, state["global_batch"], world, folder)
+    keep_global_batch(cfg, state.global_batch, world, folder)
     reason = (f"{folder.name} was saved on {saved_world} rank(s) with ZeRO-{saved_stage}; this launch has {world} "
               f"rank(s) with ZeRO-{cfg.deepspeed.stage}: resuming through a universal checkpoint")
     _log(reason)
