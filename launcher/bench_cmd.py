@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from launcher.local import usable_cpus
 from launcher.resources import CODE_ROOT, HF_PEER_SCRIPT
 from trainer.run_dir import RunDir
 
@@ -147,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     base = Path(cfg.run.dir).expanduser().resolve()
     world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
-    threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // cfg.cluster.nproc_per_node)
+    threads = cfg.cluster.threads_per_rank or max(1, usable_cpus() // cfg.cluster.nproc_per_node)
     python_path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))  # keep the user's
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=python_path)
     total_steps = args.steps + args.warmup

@@ -5,7 +5,7 @@ Hydra runs only in the launcher: the workers read the resolved run directory.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -34,10 +34,12 @@ def has_cuda(cfg: RootConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
+def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[bool] = None) -> RootConfig:
     """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
 
-    For the subcommands that need a config but no run (preflight, data preview, bench).
+    For the subcommands that need a config but no run (preflight, data preview, bench). `on_gpu`
+    validates it as for a machine with (True) or without (False) GPUs instead of this one: a CPU
+    login node estimating a GPU job.
     """
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -50,7 +52,7 @@ def compose(overrides: List[str], validate_files: bool = True) -> RootConfig:
     except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
         raise ConfigError([composition_problem(err)]) from None
     cfg = to_config(node)
-    return validate(cfg, has_cuda=has_cuda(cfg), check_files=validate_files)
+    return validate(cfg, has_cuda=has_cuda(cfg) if on_gpu is None else on_gpu, check_files=validate_files)
 
 
 def composition_problem(err: Exception) -> str:

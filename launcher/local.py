@@ -29,13 +29,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: Slurm's share of a node (its cgroup/affinity), not the whole
+    machine, so that the ranks of a job on a shared node do not oversubscribe it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, str]:
     """Environment every rank inherits: device choice, threads, NCCL/gloo settings from config."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    threads = cfg.cluster.threads_per_rank or max(1, (os.cpu_count() or 1) // ranks_on_node)
+    threads = cfg.cluster.threads_per_rank or max(1, usable_cpus() // ranks_on_node)
     env["OMP_NUM_THREADS"] = str(threads)
     env.update({k: str(v) for k, v in cfg.cluster.env.items()})
     return preload_env(cfg.cluster.allocator, on_gpu, env)

@@ -2,11 +2,15 @@
 
 Composes the config exactly as `shardtune train` would, reads the model's config.json (no
 weights are loaded), and prints a table and a verdict. `--json` prints the estimate as JSON.
+`--device cuda --gpu-memory 80GB` estimates a GPU job on a machine without that GPU (a login
+node): GPU defaults (bf16), per-GPU figures, GPU-only settings accepted.
 Exit code 0 when it fits, 3 when it does not, 2 on a bad config.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,12 +18,12 @@ from typing import List, Optional, Tuple
 
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
-from trainer.preflight import (Estimate, Setup, available_bytes_per_rank, estimate, format_table,
-                               lora_dropout_values, setup_from_config, shape_from_config_dict, verdict,
-                               DS_PERSISTENCE_THRESHOLD)
+from trainer.preflight import (GB, Estimate, Setup, available_bytes_per_rank, estimate, format_table,
+                               lora_dropout_values, lora_output_values, setup_from_config, shape_from_config_dict,
+                               verdict, DS_PERSISTENCE_THRESHOLD)
 
 EXIT_WILL_NOT_FIT = 3
-USAGE = "usage: shardtune preflight [--json] [hydra overrides ...]   e.g. shardtune preflight deepspeed=zero2 peft=lora"
+UNITS = {"": GB, "K": 1024, "M": 1024 ** 2, "G": GB, "T": 1024 ** 4}  # GB as the table prints it (2^30)
 
 
 def model_config_dict(cfg: RootConfig) -> dict:
@@ -52,13 +56,21 @@ def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:
     setup = setup_from_config(cfg, on_gpu, trainable, persistent, shape)
     if lora is not None and cfg.peft.dropout > 0:
         setup = replace(setup, lora_dropout_values=lora_dropout_values(config, lora["targets"]))
+    if lora is not None and setup.checkpointing == "selective":
+        setup = replace(setup, lora_output_values=lora_output_values(config, lora["r"], lora["targets"]))
     return setup, estimate(shape, setup), shape
 
 
-def report(cfg: RootConfig, on_gpu: bool) -> Tuple[bool, str, dict]:
-    """(fits, printable text, JSON-able facts) for `cfg`. Used by the slurm backend before sbatch too."""
+def report(cfg: RootConfig, on_gpu: bool, gpu_memory: Optional[int] = None) -> Tuple[bool, str, dict]:
+    """(fits, printable text, JSON-able facts) for `cfg`. Used by the slurm backend before sbatch too.
+
+    Args:
+        cfg: the composed config.
+        on_gpu: estimate for GPU ranks (bf16 by default, device memory per GPU).
+        gpu_memory: bytes of one GPU, for a machine without the job's GPUs; None asks the visible GPU.
+    """
     setup, est, shape = plan(cfg, on_gpu)
-    capacity, where = available_bytes_per_rank(on_gpu, cfg.cluster.nproc_per_node)
+    capacity, where = available_bytes_per_rank(on_gpu, cfg.cluster.nproc_per_node, gpu_memory)
     world = setup.world
     text = verdict(shape, setup, est, capacity, where, world)
     fits = text.startswith("fits")
@@ -71,6 +83,7 @@ def report(cfg: RootConfig, on_gpu: bool) -> Tuple[bool, str, dict]:
     flops = (f"FLOPs per step per rank: {est.flops_per_step:.3e} ({est.flops_per_token:.3e} per token at "
              f"T={setup.seq_len}; PaLM convention, see docs/performance.md)")
     facts = {"fits": fits, "verdict": text, "per_rank_bytes": est.rank_total(on_gpu), "capacity_bytes": capacity,
+             "on_gpu": on_gpu, "precision": setup.precision, "where": where,
              "device": est.device, "host": est.host, "flops_per_step": est.flops_per_step,
              "flops_per_token": est.flops_per_token, "params": shape.params, "trainable": trainable}
     lines = [header, format_table(est, on_gpu), flops, f"verdict: {text}"]
@@ -86,20 +99,60 @@ def report(cfg: RootConfig, on_gpu: bool) -> Tuple[bool, str, dict]:
     return fits, "\n".join(lines), facts
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0
-    as_json = "--json" in argv
-    overrides = [a for a in argv if a != "--json"]
-    from launcher.compose import compose, has_cuda
+def parse_size(text: str) -> int:
+    """Bytes in "80GB", "80G", "79.2GiB", "81920MB" (powers of 1024, as preflight prints GB); a bare number is GB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; e.g. 80GB, 79.2GiB, 24G")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardtune preflight", description="Estimate memory and FLOPs per rank before launching.",
+        epilog="e.g. shardtune preflight deepspeed=zero2 peft=lora;  on a CPU login node, for a GPU job: "
+               "shardtune preflight --device cuda --gpu-memory 80GB cluster.nproc_per_node=8 peft=lora")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="the job's device (default: this machine's); cuda estimates GPU ranks here, "
+                             "with GPU defaults (bf16)")
+    parser.add_argument("--gpu-memory", type=parse_size, metavar="SIZE",
+                        help="memory of one GPU, e.g. 80GB (GB = 2^30 bytes, as printed; an H100 80GB shows "
+                             "79.2 to PyTorch); needed with --device cuda where no GPU is visible")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for shardtune train")
+    return parser
+
+
+def compose_for(overrides: List[str], device: str) -> Tuple[RootConfig, bool]:
+    """(config, on_gpu): composed as `shardtune train` would. `cuda` validates it as on a GPU machine,
+    even where none is visible, so GPU-only settings (flash_attention_2, fp16) are accepted."""
+    from launcher import compose as composing
+
+    if device == "cpu":
+        return composing.compose([*overrides, "cluster.device=cpu"], validate_files=False), False
+    if device == "auto":
+        cfg = composing.compose(overrides, validate_files=False)
+        return cfg, composing.has_cuda(cfg)
+    return composing.compose([*overrides, "cluster.device=cuda"], validate_files=False, on_gpu=True), True
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = compose(overrides, validate_files=False)
+        cfg, on_gpu = compose_for(args.overrides, args.device)
     except ConfigError as err:
         print(f"shardtune preflight: {err}", file=sys.stderr)
         return 2
-    fits, text, facts = report(cfg, has_cuda(cfg))
-    print(json.dumps(facts, indent=2) if as_json else text)
+    if on_gpu and args.gpu_memory is None and not _gpu_visible():
+        print("shardtune preflight: --device cuda needs --gpu-memory (e.g. 80GB) where no GPU is visible",
+              file=sys.stderr)
+        return 2
+    fits, text, facts = report(cfg, on_gpu, args.gpu_memory)
+    print(json.dumps(facts, indent=2) if args.json else text)
     return 0 if fits else EXIT_WILL_NOT_FIT
+
+
+def _gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -19,13 +19,28 @@ from pathlib import Path
 
 from launcher.resources import CODE_ROOT, bundled_path
 from trainer.config import RootConfig
+from trainer.run_dir import RunDir
 
-JOB_SCRIPT = "job.sbatch"
-JOB_ID_FILE = "slurm_job_id"
 
 
 def template_path(cfg: RootConfig) -> Path:
     return bundled_path(cfg.cluster.slurm.template)
+
+
+def node_request(cfg: RootConfig) -> tuple[int | None, str | None]:
+    """(--cpus-per-task, --mem) of each node's one launcher task, which starts all that node's ranks.
+
+    Unset values: on a node of its own (exclusive) all its memory (--mem=0) and all its CPUs (None
+    here: the template passes the allocation's, $SLURM_CPUS_ON_NODE, to srun); on a shared node
+    cpus_per_rank CPUs per rank (else Slurm gives the task, and so every rank, one CPU) and the
+    cluster's default memory (often per CPU).
+    """
+    slurm = cfg.cluster.slurm
+    cpus = slurm.cpus_per_task
+    if cpus is None and not slurm.exclusive:
+        cpus = slurm.cpus_per_rank * cfg.cluster.nproc_per_node
+    mem = slurm.mem if slurm.mem is not None else ("0" if slurm.exclusive else None)
+    return cpus, mem
 
 
 def render_script(cfg: RootConfig, run_dir: Path) -> str:
@@ -33,6 +48,7 @@ def render_script(cfg: RootConfig, run_dir: Path) -> str:
     import jinja2
 
     slurm = cfg.cluster.slurm
+    cpus_per_task, mem = node_request(cfg)
     source = template_path(cfg)
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["quote"] = lambda value: shlex.quote(str(value))
@@ -40,8 +56,8 @@ def render_script(cfg: RootConfig, run_dir: Path) -> str:
     return template.render(
         template=source, run_dir=run_dir, repo=CODE_ROOT, python=slurm.python or sys.executable,
         job_name=slurm.job_name or cfg.run.name, nnodes=cfg.cluster.nnodes, time=slurm.time,
-        signal_seconds=slurm.signal_seconds, max_requeues=slurm.max_requeues, cpus_per_task=slurm.cpus_per_task,
-        gpus_per_node=slurm.gpus_per_node, mem=slurm.mem, partition=slurm.partition, account=slurm.account,
+        signal_seconds=slurm.signal_seconds, max_requeues=slurm.max_requeues, cpus_per_task=cpus_per_task,
+        gpus_per_node=slurm.gpus_per_node, mem=mem, partition=slurm.partition, account=slurm.account,
         qos=slurm.qos, constraint=slurm.constraint, exclusive=slurm.exclusive,
         extra_sbatch=list(slurm.extra_sbatch), setup=list(slurm.setup))
 
@@ -61,8 +77,8 @@ def submit(script: Path, run_dir: Path) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().splitlines()[-1].split(";")[0]
-    (run_dir / JOB_ID_FILE).write_text(job_id + "\n")
-    with open(run_dir / "slurm_submissions.jsonl", "a") as handle:
+    RunDir(run_dir).slurm_job_id.write_text(job_id + "\n")
+    with open(RunDir(run_dir).slurm_submissions, "a") as handle:
         handle.write(json.dumps({"job_id": job_id, "time": time.time(), "script": str(script)}) + "\n")
     return job_id
 
@@ -84,8 +100,9 @@ def launch_in_allocation(cfg: RootConfig, run_dir: Path) -> int:
         raise SystemExit(f"this allocation (job {os.environ['SLURM_JOB_ID']}) has {have} node(s) but "
                          f"cluster.nnodes={cfg.cluster.nnodes}")
     python = cfg.cluster.slurm.python or sys.executable
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")  # srun of Slurm 22.05-23.02 does not inherit it
     argv = ["srun", f"--nodes={cfg.cluster.nnodes}", "--ntasks-per-node=1",
-            python, "-m", "launcher.node", "--run-dir", str(run_dir)]
+            *([f"--cpus-per-task={cpus}"] if cpus else []), python, "-m", "launcher.node", "--run-dir", str(run_dir)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")])))
     print(f"[shardtune] inside Slurm allocation {os.environ['SLURM_JOB_ID']}: {shlex.join(argv)}",
           file=sys.stderr, flush=True)
@@ -99,8 +116,7 @@ def derive_for_compute_nodes(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> No
         from launcher.rundir import world_size
         from trainer.ds_config import build_ds_config
 
-        ds_config = build_ds_config(cfg, world_size(cfg), gpu_job)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        RunDir(run_dir).write_json(RunDir(run_dir).ds_config, build_ds_config(cfg, world_size(cfg), gpu_job))
 
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -110,7 +126,7 @@ ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"
 def active_job(run_dir: Path) -> tuple[str, str] | None:
     """(job id, state) of the Slurm job last submitted for `run_dir` while it is still queued or
     running; None when there is none, it has ended, or Slurm cannot be asked."""
-    id_file = Path(run_dir) / JOB_ID_FILE
+    id_file = RunDir(run_dir).slurm_job_id
     if not id_file.is_file() or not shutil.which("squeue"):
         return None
     job_id = id_file.read_text().strip()
@@ -127,7 +143,7 @@ def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     if in_allocation() and cfg.run.launch == "spawn":
         return launch_in_allocation(cfg, run_dir)
     derive_for_compute_nodes(cfg, run_dir, on_gpu)
-    script = run_dir / JOB_SCRIPT
+    script = RunDir(run_dir).job_script
     script.write_text(render_script(cfg, run_dir))
     script.chmod(0o755)
     if cfg.run.launch != "spawn" or not cfg.cluster.slurm.submit:
@@ -144,8 +160,8 @@ def preflight_fits(cfg: RootConfig, on_gpu: bool) -> bool:
     """Estimate memory before queueing: a job that cannot fit should fail now, not after hours in the queue."""
     gpu_job = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cfg.cluster.slurm.gpus_per_node > 0)
     if gpu_job != on_gpu:
-        print("[shardtune] preflight skipped: this node's devices differ from the job's "
-              "(run `shardtune preflight` on a compute node)", flush=True)
+        print("[shardtune] preflight skipped: this node's devices differ from the job's (estimate the "
+              "job here with `shardtune preflight --device cuda --gpu-memory 80GB <overrides>`)", flush=True)
         return True
     from launcher.preflight_cmd import report
 

@@ -60,7 +60,7 @@ def cycles(graph: dict) -> set:
 
 LITERAL = re.compile(r'"(config\.yaml|ds_config\.json|env\.json|launches\.jsonl|metrics\.jsonl|exit\.json|'
                      r'resume\.json|export\.json|export_probe\.pt|generations\.jsonl|job\.sbatch|slurm_job_id|'
-                     r'slurm_jobs\.jsonl|wandb_run_id|deepspeed_env)"')
+                     r'slurm_jobs\.jsonl|wandb_run_id|wandb_run\.json|deepspeed_env)"')
 
 
 def measure() -> dict:

@@ -249,3 +249,91 @@ def test_switches_the_cpu_cannot_run_are_rejected_clearly(key, value, message):
     setattr(cfg.model, key, value)
     with pytest.raises(ConfigError, match=message):
         validate(cfg, has_cuda=False, check_files=False)
+
+
+# ---- checkpointing applies to LoRA's activations too; estimating a GPU job on a CPU machine ----------
+
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "intermediate_size": 14336, "vocab_size": 128256, "max_position_embeddings": 131072,
+               "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu"}
+
+
+def test_lora_with_full_checkpointing_keeps_one_layers_dropout_inputs(tmp_path):
+    """Llama-3.1-8B, LoRA r16 on all linear layers with dropout 0.05 (peft=lora), 4096 tokens, full
+    checkpointing, bf16 (GPU): the activations against the formula written out by hand."""
+    from launcher.compose import compose
+    from launcher.preflight_cmd import plan
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    cfg = compose(["model=local", f"model.name_or_path={tmp_path}", "peft=lora", "data.max_seq_len=4096",
+                   "train.micro_batch_size=1", "model.activation_checkpointing=full", "cluster.nproc_per_node=8"],
+                  validate_files=False)
+    setup, est, _ = plan(cfg, on_gpu=True)
+    assert setup.precision == "bf16" and setup.checkpointing == "full"
+
+    L, H, I, V, T, b = 32, 4096, 14336, 128256, 4096, 2  # layers, hidden, MLP, vocab, tokens, bf16 bytes
+    Q, KV = 32 * 128, 8 * 128  # query width, key/value width (8 kv heads of 128)
+    # Full checkpointing keeps each layer's input (the boundary) for every layer ...
+    boundaries = L * H * T * b
+    # ... and backward recomputes one layer at a time, which then holds all it keeps for backward:
+    # its input, the two norms' normalised and scaled outputs and the attention residual (5H), the
+    # rotated q, the attention output and o_proj's input (3Q), the rotated k and v (2KV), and the
+    # MLP's gate, up, activation and product (4I).
+    one_layer = (5 * H + 3 * Q + 2 * KV + 4 * I) * T * b
+    # LoRA's dropout runs inside the checkpointed layer, so its dropped inputs (bf16, plus a 1-byte
+    # mask) exist for the recomputed layer only: q, k, v, o, gate and up take H values, down takes I.
+    lora_dropout = (6 * H + I) * T * (b + 1)
+    # Around the loss: fp32 logits, their log-softmax and one gradient of that size.
+    logits = 3 * T * V * 4
+    by_hand = boundaries + one_layer + lora_dropout + logits  # 8.02 GiB; 23.75 GiB of dropout alone before
+
+    estimated = sum(v for k, v in est.device.items() if k.startswith(("activations", "LoRA", "logits")))
+    assert abs(estimated - by_hand) / by_hand < 0.15, (estimated / GB, by_hand / GB)
+    assert est.device["LoRA dropout inputs (one recomputed layer)"] < 0.5 * GB
+    assert "LoRA dropout inputs" not in est.device  # not every layer's
+
+
+def test_selective_checkpointing_keeps_loras_matmul_outputs_not_its_dropout_inputs():
+    shape = ModelShape(params=1, embedding_params=0, tied_embeddings=True, layers=2, heads=2, kv_heads=1,
+                       head_dim=4, hidden=8, intermediate=16, vocab=32)
+    s = Setup(world=1, stage=0, precision="fp32", micro_batch=2, seq_len=3, lora_dropout_values=50,
+              lora_output_values=70, checkpointing="selective")
+    parts = activation_bytes(shape, s)
+    assert parts["LoRA dropout inputs (one recomputed layer)"] == 50 * 6 * 5 // 2  # one of the 2 layers
+    assert parts["LoRA matmul outputs (selective keeps)"] == 70 * 6 * 4  # every layer's (values are all layers')
+    none = activation_bytes(shape, replace(s, checkpointing="none"))
+    assert none["LoRA dropout inputs"] == 50 * 6 * 5 and "LoRA matmul outputs (selective keeps)" not in none
+
+
+def test_the_advice_never_names_what_the_run_already_uses():
+    big = ModelShape(params=8_030_261_248, embedding_params=525_336_576, tied_embeddings=False, layers=32,
+                     heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=14336, vocab=128256,
+                     largest_layer_params=218_112_000)
+    lora = Setup(world=8, stage=3, precision="bf16", micro_batch=1, seq_len=4096, on_gpu=True, peft="lora",
+                 trainable=41_943_040, checkpointing="full", loss_chunks=8)
+    text = verdict(big, lora, estimate(big, lora), 1 * GB, "GPU", 8)  # fits nowhere: every remedy, then the rest
+    assert text.startswith("will not fit") and "use more ranks" in text, text
+    for in_use in ("peft=lora", "deepspeed=zero3 ", "activation_checkpointing=full", "loss_chunks=8", "dropout"):
+        assert in_use not in text, (in_use, text)
+    full = replace(lora, peft="none", trainable=None)
+    assert "peft=lora" in verdict(big, full, estimate(big, full), 1 * GB, "GPU", 8)
+
+
+def test_a_cpu_machine_estimates_a_gpu_job_per_gpu(tmp_path):
+    """`--device cuda --gpu-memory 80GB` here (no GPU): GPU defaults (bf16), per-GPU figures against
+    the given memory, GPU-only settings accepted; without --gpu-memory it says what is missing."""
+    from launcher.preflight_cmd import main
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    job = ["model=local", f"model.name_or_path={tmp_path}", "peft=lora", "data.max_seq_len=4096",
+           "model.activation_checkpointing=full", "cluster.nproc_per_node=8", "train.micro_batch_size=1"]
+    proc = shardtune("preflight", "--device", "cuda", "--gpu-memory", "80GB", *job,
+                     "model.attn_implementation=flash_attention_2", check=True)
+    assert "bf16, 8 ranks" in proc.stdout and ", GPU\n" in proc.stdout, proc.stdout
+    assert "total per GPU" in proc.stdout and "runtime (python" not in proc.stdout
+    assert "verdict: fits on 8 x GPU (80.0 GB, --gpu-memory) with" in proc.stdout, proc.stdout
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", *job]) == 2

@@ -24,7 +24,8 @@ def test_script_has_the_requested_resources_and_the_requeue_machinery(tmp_path):
                  f"#SBATCH --output={tmp_path}/slurm-%j.out", "MAX_REQUEUES=5", "module load cuda",
                  "trap 'on_stop USR1' USR1", 'scontrol requeue "$SLURM_JOB_ID"', "-m launcher.node --run-dir"):
         assert line in script, line
-    assert "--qos" not in script and "--mem" not in script  # unset options are left out
+    assert "--qos" not in script and "--constraint" not in script  # unset options are left out
+    assert "#SBATCH --mem=0" in script  # exclusive and mem unset: all the node's memory
 
 
 def test_dry_run_writes_the_script_without_submitting(tmp_path):
@@ -82,3 +83,67 @@ def test_over_ssh_rank_0_listens_where_the_other_hosts_can_reach_it(tmp_path, ca
     assert argv[argv.index("--master_addr") + 1] == "10.0.0.7"
     with pytest.raises(ConfigError, match="cluster.ssh_port=70000 is not a port"):
         compose(["cluster=hostfile", "cluster.no_ssh=false", f"cluster.hostfile={hosts}", "cluster.ssh_port=70000"])
+
+
+# ---- CPUs and memory of the node's one launcher task -------------------------------------------------
+
+def _script(tmp_path, *overrides):
+    import subprocess
+
+    cfg = compose(["cluster=slurm", f"run.dir={tmp_path}", "run.name=exp1", *overrides])
+    script = render_script(cfg, tmp_path)
+    (tmp_path / "job.sbatch").write_text(script)
+    syntax = subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH ")]
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    return sbatch, srun
+
+
+def test_the_node_task_asks_for_cpus_for_every_rank_and_srun_passes_them_on(tmp_path):
+    # A shared node: cpus_per_rank (2) x nproc_per_node, and srun told so (Slurm 22.05-23.02 drop it).
+    sbatch, srun = _script(tmp_path, "cluster.nproc_per_node=8", "cluster.slurm.gpus_per_node=8")
+    assert "#SBATCH --cpus-per-task=16" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
+    assert not [line for line in sbatch if line.startswith(("#SBATCH --mem", "#SBATCH --exclusive"))], sbatch
+    assert srun.startswith('srun --nodes=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" '), srun
+    sbatch, _ = _script(tmp_path, "cluster.nproc_per_node=8", "cluster.slurm.cpus_per_rank=6")
+    assert "#SBATCH --cpus-per-task=48" in sbatch
+    # A node of its own: all its memory and all its CPUs (the allocation's count, given to srun).
+    sbatch, srun = _script(tmp_path, "cluster.nproc_per_node=8", "cluster.slurm.exclusive=true")
+    assert "#SBATCH --exclusive" in sbatch and "#SBATCH --mem=0" in sbatch
+    assert not [line for line in sbatch if line.startswith("#SBATCH --cpus-per-task")], sbatch
+    assert '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in srun
+    # Given values win, exclusive or not.
+    sbatch, srun = _script(tmp_path, "cluster.nproc_per_node=8", "cluster.slurm.exclusive=true",
+                           "cluster.slurm.cpus_per_task=64", "cluster.slurm.mem=256G")
+    assert "#SBATCH --cpus-per-task=64" in sbatch and "#SBATCH --mem=256G" in sbatch
+    assert '--cpus-per-task="$SLURM_CPUS_PER_TASK"' in srun
+
+
+def test_a_request_that_starves_the_ranks_is_refused():
+    with pytest.raises(ConfigError) as err:
+        compose(["cluster=slurm", "cluster.nproc_per_node=8", "cluster.slurm.cpus_per_task=4"])
+    (problem,) = [p for p in err.value.problems if p.startswith("cluster.slurm.cpus_per_task")]
+    assert problem.startswith("cluster.slurm.cpus_per_task=4 gives the node's 8 ranks (cluster.nproc_per_node) "
+                              "fewer than one CPU each"), problem
+    assert "at least 8" in problem and "leave it null" in problem
+    with pytest.raises(ConfigError, match="cluster.slurm.cpus_per_rank=0 must be >= 1"):
+        compose(["cluster=slurm", "cluster.slurm.cpus_per_rank=0"])
+    compose(["cluster=slurm", "cluster.nproc_per_node=8", "cluster.slurm.cpus_per_task=8"])  # one each: allowed
+
+
+def test_inside_an_allocation_srun_is_given_its_cpus_per_task(tmp_path, monkeypatch):
+    from launcher import local
+    from launcher.slurm import launch_in_allocation
+
+    started = []
+    monkeypatch.setattr(local, "run_workers", lambda argv, env, run_dir: started.append(argv) or 0)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    cfg = compose(["cluster=slurm", f"run.dir={tmp_path}"])
+    launch_in_allocation(cfg, tmp_path)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # salloc --cpus-per-task=16
+    launch_in_allocation(cfg, tmp_path)
+    assert not [a for a in started[0] if a.startswith("--cpus-per-task")]
+    assert "--cpus-per-task=16" in started[1] and started[1].index("--cpus-per-task=16") < started[1].index("-m")

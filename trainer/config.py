@@ -158,7 +158,10 @@ class SlurmConfig:
     constraint: Optional[str] = None
     time: str = "01:00:00"
     gpus_per_node: int = 0
+    # The node's one launcher task runs all its ranks: its CPUs and memory are theirs. None: the whole
+    # node with exclusive (all CPUs, --mem=0), else cpus_per_rank x nproc_per_node and the cluster's memory.
     cpus_per_task: Optional[int] = None
+    cpus_per_rank: int = 2  # when cpus_per_task is None on a shared node; small enough for any node
     mem: Optional[str] = None
     exclusive: bool = False
     signal_seconds: int = 120  # --signal=B:USR1@N before the time limit
@@ -197,12 +200,14 @@ class ClusterConfig:
 
 @dataclass
 class LoggerConfig:
+    """W&B's own environment (WANDB_MODE, WANDB_PROJECT, ...) applies to every value left unset (None);
+    a value set here wins over it (trainer/metrics.py WandbSink)."""
     backend: str = "none"  # wandb | none
-    mode: str = "offline"  # online | offline | disabled
-    project: str = "shardtune"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online if logged in, else offline
+    project: Optional[str] = None  # None: WANDB_PROJECT, else "shardtune"
+    entity: Optional[str] = None  # None: WANDB_ENTITY, else the account's default entity
+    group: Optional[str] = None  # None: WANDB_RUN_GROUP (a sweep sets its own)
+    tags: List[str] = field(default_factory=list)  # empty: WANDB_TAGS (comma-separated)
 
 
 @dataclass
@@ -232,7 +237,6 @@ class RootConfig:
     experiment: Optional[str] = None  # name of the experiment preset, informational
 
 
-CONFIG_FILE = "config.yaml"
 
 
 class ConfigError(ValueError):
@@ -258,16 +262,20 @@ def to_config(node: Any) -> RootConfig:
 
 def load_run_config(run_dir: str | Path) -> RootConfig:
     """Read `<run_dir>/config.yaml`, as the launcher resolved it, into typed objects."""
-    path = Path(run_dir) / CONFIG_FILE
+    from trainer.run_dir import RunDir
+
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resolved config; is {run_dir} a shardtune run directory?")
     return to_config(OmegaConf.load(path))
 
 
 def save_run_config(cfg: RootConfig, run_dir: str | Path) -> Path:
-    path = Path(run_dir) / CONFIG_FILE
+    from trainer.run_dir import RunDir
+
+    path = RunDir(run_dir).config
     # Atomic: in no-ssh multi-node runs every node writes it while others' workers may read it.
-    tmp = path.with_name(f".{CONFIG_FILE}.{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     OmegaConf.save(OmegaConf.structured(cfg), tmp)
     os.replace(tmp, path)
     return path

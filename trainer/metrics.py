@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Protocol
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from trainer.config import RootConfig
+from trainer.run_dir import RunDir
 from trainer.wandb_history import last_logged_step
 
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# Beside wandb_run_id: where this launch's W&B run is (its URL, or its offline folder and the
+# `wandb sync` command), for the user and the report. It never holds the API key.
+DEFAULT_PROJECT = "shardtune"  # only when neither logger.project nor W&B's settings (WANDB_PROJECT) name one
 
 
 class MetricSink(Protocol):
@@ -95,12 +100,16 @@ def public_config(cfg_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class WandbSink:
-    """W&B on rank 0. The run id lives in the run directory, so a resumed run logs to the same run."""
+    """W&B on rank 0. The run id lives in the run directory, so a resumed run logs to the same run.
+
+    Only what the config sets is passed to wandb.init, whose arguments override W&B's environment:
+    WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_RUN_GROUP and WANDB_TAGS apply to the rest.
+    """
 
     def __init__(self, cfg: RootConfig, cfg_dict: Dict[str, Any], run_dir: Path):
         import wandb
 
-        id_file = run_dir / "wandb_run_id"
+        id_file = RunDir(run_dir).wandb_run_id
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
@@ -112,14 +121,21 @@ class WandbSink:
         # from) are not logged again, so W&B steps stay strictly increasing, none duplicated. Only
         # steps that reached W&B count: those in the local transaction logs of this run (a killed
         # launch loses what wandb-core had not flushed yet) or on the server (`starting_step`).
-        logged_on_disk = last_logged_step(run_dir / "wandb", run_id)
+        logged_on_disk = last_logged_step(RunDir(run_dir).wandb, run_id)
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        mode, note = wandb_mode(cfg.logger.mode)
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        # wandb.init's arguments override W&B's environment (WANDB_PROJECT, WANDB_ENTITY, ...): pass
+        # only what the config sets (None reads the environment), and our default project last.
+        project = cfg.logger.project or (None if wandb.setup().settings.project else DEFAULT_PROJECT)
+        self.run = wandb.init(project=project, entity=cfg.logger.entity, group=cfg.logger.group,
                               tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
-                              dir=str(run_dir), mode=cfg.logger.mode, config=public_config(cfg_dict))
+                              dir=str(run_dir), mode=mode, config=public_config(cfg_dict))
+        announce_run(self.run, run_dir, run_id)
         self.logged_before = max(logged_on_disk, self.run.starting_step - 1)
         self.skipped = 0
-        self._backfill(run_dir / "metrics.jsonl")
+        self._backfill(RunDir(run_dir).metrics)
 
     def _backfill(self, jsonl: Path) -> None:
         """Log the steps up to the resumed checkpoint that metrics.jsonl holds and W&B lost."""
@@ -145,6 +161,77 @@ class WandbSink:
         self.run.finish()
 
 
+def wandb_mode(configured: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(mode for wandb.init, a note to print or None): logger.mode when set, else WANDB_MODE (wandb
+    reads it itself: None), else online when wandb finds an API key, else offline with a note.
+
+    wandb itself would go online and then fail without a key; a run that cannot log online should
+    still train, and say how to go online.
+    """
+    if configured:
+        return configured, None
+    if os.environ.get("WANDB_MODE"):
+        return None, None
+    from wandb.errors import AuthenticationError
+
+    try:
+        if wandb_logged_in():
+            return "online", None
+        why = "no API key found (WANDB_API_KEY, ~/.netrc)"
+    except AuthenticationError as err:  # a malformed key: wandb's message names the problem, never the key
+        why = f"the API key found is not valid ({err})"
+    return "offline", (f"[shardtune] W&B: {why}, logging offline; to log online run `wandb login` or set "
+                       "WANDB_API_KEY (with WANDB_MODE=offline this note goes)")
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has credentials for its host: WANDB_API_KEY, an identity token file, the host's
+    ~/.netrc entry (`wandb login`) or its settings file. Local files only: no server, no prompt, and
+    the session is left as it was (wandb.init logs in itself)."""
+    import wandb
+
+    settings = wandb.setup().settings
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:  # an older wandb, without wbauth: the two usual places, read here
+        return _key_in_env_or_netrc(settings.base_url)
+    host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+    return wbauth.authenticate_session(host=host, source="shardtune", prompt=False, update_session=False) is not None
+
+
+def _key_in_env_or_netrc(base_url: str) -> bool:
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(base_url).netloc)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def announce_run(run, run_dir: Path, run_id: str) -> Dict[str, Any]:
+    """Say once where the W&B run is (its URL, or its offline folder and how to upload it) and
+    record it in the run directory (RunDir.wandb_run)."""
+    facts: Dict[str, Any] = {"run_id": run_id, "mode": str(run.settings.mode), "project": run.project,
+                             "entity": run.entity or None, "group": run.group or None, "tags": list(run.tags or ())}
+    if run.disabled:
+        return facts
+    if run.offline:
+        # Every launch of a resumed run has a folder of its own: upload them all, oldest first.
+        every_launch = f"{shlex.quote(str(RunDir(run_dir).wandb))}/offline-run-*-{run_id}"
+        facts.update(offline_dir=run.settings.sync_dir, sync_command=f"wandb sync {every_launch}")
+        line = f"[shardtune] W&B offline run in {run.settings.sync_dir}; upload with: {facts['sync_command']}"
+    else:
+        facts["url"] = run.url
+        line = f"[shardtune] W&B run: {run.url}"
+    print(line, file=sys.stderr, flush=True)
+    RunDir(run_dir).wandb_run.write_text(json.dumps(facts, indent=2) + "\n")
+    return facts
+
+
 class Sinks:
     """Fan out to several sinks."""
 
@@ -167,7 +254,7 @@ class Sinks:
 def build_sinks(cfg: RootConfig, cfg_dict: Dict[str, Any], run_dir: Path, is_main: bool, resume_step: int) -> Sinks:
     if not is_main:
         return Sinks([NullSink()])
-    sinks: List[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl", resume_step),
+    sinks: List[MetricSink] = [JsonlSink(RunDir(run_dir).metrics, resume_step),
                                ProgressBar(cfg.train.max_steps, resume_step)]
     if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")

@@ -16,7 +16,10 @@ Memory per rank, in bytes (P parameters, T trainable, W ranks, b bytes per 16/32
                    counted with torch's saved-tensor hooks on Llama: within 2 %), plus the layer's
                    S x S scores with eager attention; full checkpointing keeps only H per layer and
                    recomputes one layer at a time; selective keeps the matmul outputs. LoRA with
-                   dropout keeps each adapted layer's dropped input (and its 1-byte mask) as well.
+                   dropout keeps each adapted layer's dropped input (and its 1-byte mask) as well:
+                   in every layer without checkpointing, in the recomputed layer only with it
+                   (the dropout is redone with the same RNG state). Selective also keeps LoRA's own
+                   matmul outputs, r + out values per adapted layer, dropout or not.
     logits         3 B*S*V fp32 values around the loss (logits, log-softmax, and one gradient of that
                    size at a time in backward; the labels are shifted, not the logits); with
                    model.loss_chunks=N, those of B*S/N tokens + the label tokens' hidden states
@@ -63,6 +66,9 @@ class Setup:
     prefetch_bucket: int = DS_PREFETCH_BUCKET
     # LoRA with dropout > 0: values per token (all layers) of the dropped inputs its adapters keep
     lora_dropout_values: int = 0
+    # LoRA: values per token (all layers) its adapters' matmuls output (r + out each); selective keeps them
+    lora_output_values: int = 0
+    peft: str = "none"  # peft.method: the verdict never suggests the method already in use
     loss_chunks: int = 1  # model.loss_chunks: the head and loss over 1/N of the tokens at a time
     compiled: bool = False  # model.compile: ZeRO-3 remedies must turn it off (validation refuses both)
 
@@ -144,7 +150,13 @@ def activation_bytes(shape: ModelShape, s: Setup) -> Dict[str, int]:
         layers = 1 if s.checkpointing != "none" else shape.layers
         parts["attention scores (eager)"] = 2 * shape.heads * s.seq_len ** 2 * s.micro_batch * b * layers
     if s.lora_dropout_values:  # dropped inputs in the model dtype + their bool masks
-        parts["LoRA dropout inputs"] = s.lora_dropout_values * tokens * (b + 1)
+        dropped = s.lora_dropout_values * tokens * (b + 1)
+        if s.checkpointing == "none":
+            parts["LoRA dropout inputs"] = dropped
+        else:  # inside the checkpointed layers: alive only while their layer is recomputed
+            parts["LoRA dropout inputs (one recomputed layer)"] = dropped // shape.layers
+    if s.checkpointing == "selective" and s.lora_output_values:  # mm outputs: selective's policy keeps them
+        parts["LoRA matmul outputs (selective keeps)"] = s.lora_output_values * tokens * b
     if s.loss_chunks > 1:  # one chunk's logits at a time, plus the label tokens' gathered hidden states
         parts["logits and loss (one chunk)"] = 3 * -(-tokens // s.loss_chunks) * shape.vocab * 4
         parts["head inputs (label tokens)"] = tokens * shape.hidden * b
@@ -229,14 +241,22 @@ def _lora_linears(model, targets):
                 yield module.in_features, module.out_features
 
 
-def lora_dropout_values(config: dict, targets) -> int:
-    """Values per token that LoRA's dropout keeps for backward: every adapted layer's input width."""
+def _meta_model(config: dict):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    return sum(fan_in for fan_in, _ in _lora_linears(model, targets))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+
+
+def lora_dropout_values(config: dict, targets) -> int:
+    """Values per token that LoRA's dropout keeps for backward: every adapted layer's input width."""
+    return sum(fan_in for fan_in, _ in _lora_linears(_meta_model(config), targets))
+
+
+def lora_output_values(config: dict, r: int, targets) -> int:
+    """Values per token that LoRA's matmuls output (A: r, B: the layer's output width), all layers."""
+    return sum(r + fan_out for _, fan_out in _lora_linears(_meta_model(config), targets))
 
 
 def lora_parameters(model, r: int, targets) -> int:
@@ -259,7 +279,7 @@ def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape:
                  seq_len=cfg.data.max_seq_len, trainable=None if trainable == shape.params else trainable,
                  offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                  checkpointing=cfg.model.activation_checkpointing, attn=cfg.model.attn_implementation,
-                 loss_chunks=cfg.model.loss_chunks, compiled=cfg.model.compile,
+                 loss_chunks=cfg.model.loss_chunks, compiled=cfg.model.compile, peft=cfg.peft.method,
                  on_gpu=on_gpu, persistent_params=persistent if ds.stage == 3 else 0,
                  reduce_bucket=zero.get("reduce_bucket_size", DS_REDUCE_BUCKET),
                  prefetch_bucket=zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET))
@@ -267,8 +287,11 @@ def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape:
 
 # ---- verdict --------------------------------------------------------------------------------------
 
-def available_bytes_per_rank(on_gpu: bool, ranks_per_node: int) -> Tuple[int, str]:
-    """Memory one rank may use, and its description: the GPU's memory, or RAM shared by the node's ranks."""
+def available_bytes_per_rank(on_gpu: bool, ranks_per_node: int, gpu_memory: Optional[int] = None) -> Tuple[int, str]:
+    """Memory one rank may use, and its description: the GPU's memory (`gpu_memory` when given: a
+    machine without the job's GPU), or RAM shared by the node's ranks."""
+    if on_gpu and gpu_memory:
+        return gpu_memory, f"GPU ({gpu_memory / GB:.1f} GB, --gpu-memory)"
     if on_gpu:
         import torch
 
@@ -314,8 +337,9 @@ def verdict(shape: ModelShape, s: Setup, est: Estimate, capacity: int, where: st
         if estimate(shape, current).rank_total(s.on_gpu) <= capacity:
             return (f"will not fit: needs {need / GB:.1f} GB per rank, {capacity / GB:.1f} GB available; "
                     f"try {' '.join(tried)}")
+    peft = "peft=lora, " if s.peft == "none" else ""  # never the method the run already uses
     return (f"will not fit: needs {need / GB:.1f} GB per rank, {capacity / GB:.1f} GB available, even with "
-            f"{' '.join(tried) or 'every remedy'}; use more ranks, peft=lora or a smaller model")
+            f"{' '.join(tried) or 'every remedy'}; use more ranks, {peft}or a smaller model")
 
 
 def format_table(est: Estimate, on_gpu: bool) -> str:
@@ -324,7 +348,8 @@ def format_table(est: Estimate, on_gpu: bool) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"  {'component':<{width}}  where    GB"]
     lines += [f"  {name:<{width}}  {where:<6} {size / GB:6.3f}" for name, where, size in rows if size]
-    lines.append(f"  {'total per rank':<{width}}  {'':<6} {est.rank_total(on_gpu) / GB:6.3f}")
+    total = "total per GPU" if on_gpu else "total per rank"
+    lines.append(f"  {total:<{width}}  {'':<6} {est.rank_total(on_gpu) / GB:6.3f}")
     if on_gpu:
         lines.append(f"  {'host RAM per rank':<{width}}  {'':<6} {est.host_total / GB:6.3f}")
     return "\n".join(lines)

@@ -80,6 +80,11 @@ class RunDir:
         return self.path / "wandb"
 
     @property
+    def wandb_run(self) -> Path:
+        """Where the W&B run is: its URL (online), or its offline folder and the `wandb sync` command."""
+        return self.path / "wandb_run.json"
+
+    @property
     def wandb_run_id(self) -> Path:
         """The W&B run id, so that a resumed or requeued launch continues the same W&B run."""
         return self.path / "wandb_run_id"

@@ -30,7 +30,7 @@ CHOICES = {
     "cluster.device": ("auto", "cpu", "cuda"),
     "cluster.allocator": ("auto", "jemalloc", "tcmalloc", "glibc"),
     "logger.backend": ("wandb", "none"),
-    "logger.mode": ("online", "offline", "disabled"),
+    "logger.mode": ("online", "offline", "disabled", None),  # None: W&B's environment decides (WandbSink)
     "run.launch": ("spawn", "print", "dry_run"),
     "cluster.ssh_launcher": ("pdsh", "openmpi", "mvapich", "mpich", "impi"),
     "eval.prompt_style": ("auto", "chat", "text"),
@@ -272,6 +272,16 @@ def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
         for key in ("cluster.slurm.max_requeues", "cluster.slurm.signal_seconds", "cluster.slurm.gpus_per_node"):
             if _get(cfg, key) < 0:
                 problems.append(f"{key}={_get(cfg, key)} must be >= 0")
+        # One task per node runs all the node's ranks: fewer CPUs than ranks starves them.
+        ranks, cpus, per_rank = c.nproc_per_node, c.slurm.cpus_per_task, c.slurm.cpus_per_rank
+        if cpus is not None and cpus < ranks:
+            problems.append(f"cluster.slurm.cpus_per_task={cpus} gives the node's {ranks} ranks "
+                            f"(cluster.nproc_per_node) fewer than one CPU each (one task per node runs them all): "
+                            f"ask for at least {ranks}, e.g. {ranks * max(per_rank, 1)}, or leave it null "
+                            f"(cluster.slurm.cpus_per_rank={per_rank} per rank; the whole node with "
+                            "cluster.slurm.exclusive=true)")
+        if c.slurm.cpus_per_rank < 1:
+            problems.append(f"cluster.slurm.cpus_per_rank={c.slurm.cpus_per_rank} must be >= 1")
         from launcher.resources import bundled_path  # validation runs in the launcher only
 
         if not bundled_path(c.slurm.template).is_file():
