@@ -37,6 +37,9 @@ def parse_args(argv: List[str]):
     parser.add_argument("--vs", choices=["hf"], default=None, help="also run HF Trainer on the same setup")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of ours / HF")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for `shardtune train`")
+    from launcher.compose import add_config_dir_option
+
+    add_config_dir_option(parser)
     return parser.parse_args(argv)
 
 
@@ -142,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from trainer.validate import ConfigError
 
     try:
-        cfg = compose(args.overrides)
+        cfg = compose(args.overrides, config_dirs=args.config_dirs)
     except ConfigError as err:
         print(f"shardtune bench: {err}", file=sys.stderr)
         return 2
@@ -157,6 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ours = base / f"ours-{r}"
         started = time.time()
         overrides = [o for o in args.overrides if not o.startswith("run.dir=")]  # each round has its own dir
+        overrides = [arg for d in args.config_dirs for arg in ("--config-dir", str(Path(d).expanduser().resolve()))] + overrides
         run_ours(ours, overrides + [f"cluster.threads_per_rank={threads}"], total_steps, env)
         entry = {"ours_dir": str(ours), "ours_wall_s": time.time() - started}
         if args.vs == "hf":

@@ -5,7 +5,8 @@ Hydra runs only in the launcher: the workers read the resolved run directory.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -34,12 +35,30 @@ def has_cuda(cfg: RootConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[bool] = None) -> RootConfig:
+def add_config_dir_option(parser) -> None:
+    """`-cd DIR` / `--config-dir DIR` on a command that composes a config, as `shardtune train` has it
+    (Hydra's flag): a folder of the user's own configs, searched besides shardtune's."""
+    parser.add_argument("-cd", "--config-dir", dest="config_dirs", action="append", default=[], metavar="DIR",
+                        help="a folder of your own configs (e.g. DIR/model/mine.yaml for model=mine), as for "
+                             "shardtune train")
+
+
+def config_dir_overrides(config_dirs: Sequence[str]) -> List[str]:
+    """The Hydra override that adds `config_dirs` to the config search path."""
+    folders = [Path(d).expanduser().resolve() for d in config_dirs]
+    missing = [str(d) for d in folders if not d.is_dir()]
+    if missing:
+        raise ConfigError([f"--config-dir {missing[0]}: not a folder; give a folder of config files"])
+    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in folders)}]"] if folders else []
+
+
+def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[bool] = None,
+            config_dirs: Sequence[str] = ()) -> RootConfig:
     """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
 
     For the subcommands that need a config but no run (preflight, data preview, bench). `on_gpu`
     validates it as for a machine with (True) or without (False) GPUs instead of this one: a CPU
-    login node estimating a GPU job.
+    login node estimating a GPU job. `config_dirs`: the user's own config folders (`-cd`).
     """
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -48,7 +67,7 @@ def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[
     register()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-            node = hydra_compose(config_name="config", overrides=list(overrides))
+            node = hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
     except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
         raise ConfigError([composition_problem(err)]) from None
     cfg = to_config(node)

@@ -11,7 +11,7 @@ import json
 import sys
 from typing import List
 
-USAGE = "shardtune data preview [-n N] [--split train|eval] [--color|--no-color] [hydra overrides...]"
+USAGE = "shardtune data preview [-n N] [--split train|eval] [--color|--no-color] [-cd DIR] [hydra overrides...]"
 GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
@@ -69,15 +69,17 @@ def preview(argv: List[str]) -> int:
     parser.add_argument("--split", choices=("train", "eval"), default="train")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON only")
+    from launcher.compose import add_config_dir_option, compose
+
+    add_config_dir_option(parser)
     args, overrides = parser.parse_known_args(argv)
-    from launcher.compose import compose
     from trainer.config import ConfigError
     from trainer.data import build_datasets
     from trainer.data.errors import DataError
     from trainer.model import build_tokenizer
 
     try:
-        cfg = compose(overrides, validate_files=True)
+        cfg = compose(overrides, validate_files=True, config_dirs=args.config_dirs)
         tokenizer = build_tokenizer(cfg.model)
         train, evaluation = build_datasets(cfg.data, tokenizer, log=lambda m: print(m, file=sys.stderr))
     except (ConfigError, DataError) as err:

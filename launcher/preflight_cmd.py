@@ -14,7 +14,7 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
@@ -120,26 +120,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory of one GPU, e.g. 80GB (GB = 2^30 bytes, as printed; an H100 80GB shows "
                              "79.2 to PyTorch); needed with --device cuda where no GPU is visible")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for shardtune train")
+    from launcher.compose import add_config_dir_option
+
+    add_config_dir_option(parser)
     return parser
 
 
-def compose_for(overrides: List[str], device: str) -> Tuple[RootConfig, bool]:
+def compose_for(overrides: List[str], device: str, config_dirs: Sequence[str] = ()) -> Tuple[RootConfig, bool]:
     """(config, on_gpu): composed as `shardtune train` would. `cuda` validates it as on a GPU machine,
     even where none is visible, so GPU-only settings (flash_attention_2, fp16) are accepted."""
     from launcher import compose as composing
 
     if device == "cpu":
-        return composing.compose([*overrides, "cluster.device=cpu"], validate_files=False), False
+        return composing.compose([*overrides, "cluster.device=cpu"], False, config_dirs=config_dirs), False
     if device == "auto":
-        cfg = composing.compose(overrides, validate_files=False)
+        cfg = composing.compose(overrides, validate_files=False, config_dirs=config_dirs)
         return cfg, composing.has_cuda(cfg)
-    return composing.compose([*overrides, "cluster.device=cuda"], validate_files=False, on_gpu=True), True
+    return composing.compose([*overrides, "cluster.device=cuda"], False, on_gpu=True, config_dirs=config_dirs), True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, on_gpu = compose_for(args.overrides, args.device)
+        cfg, on_gpu = compose_for(args.overrides, args.device, args.config_dirs)
     except ConfigError as err:
         print(f"shardtune preflight: {err}", file=sys.stderr)
         return 2

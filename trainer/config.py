@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.run_dir import RunDir
+
 
 @dataclass
 class ModelConfig:
@@ -262,8 +264,6 @@ def to_config(node: Any) -> RootConfig:
 
 def load_run_config(run_dir: str | Path) -> RootConfig:
     """Read `<run_dir>/config.yaml`, as the launcher resolved it, into typed objects."""
-    from trainer.run_dir import RunDir
-
     path = RunDir(run_dir).config
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no resolved config; is {run_dir} a shardtune run directory?")
@@ -271,8 +271,6 @@ def load_run_config(run_dir: str | Path) -> RootConfig:
 
 
 def save_run_config(cfg: RootConfig, run_dir: str | Path) -> Path:
-    from trainer.run_dir import RunDir
-
     path = RunDir(run_dir).config
     # Atomic: in no-ssh multi-node runs every node writes it while others' workers may read it.
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
