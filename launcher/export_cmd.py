@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from trainer.peft_methods import vllm_problem
 from trainer.run_dir import RunDir
 
 PROBE_TEXT = "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level."
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest committed)")
     p.add_argument("--merge", action="store_true", help="peft runs: merge the adapter into a full model")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the written weights (default float32, the master weights' precision)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the written weights; auto (default): the dtype the model trained in (bf16 on "
+                        "GPU runs, model.dtype when set), else the one the base model was published in")
     return p
 
 
@@ -166,8 +168,28 @@ def saved_zero_stage(run_dir: Path, folder: Path) -> int:
     return stage if stage is not None else RunDir(run_dir).read_ds_config()["zero_optimization"]["stage"]
 
 
+def export_dtype(cfg, run_dir: Path, asked: str) -> str:
+    """`--dtype auto`: what servers expect back, not the fp32 master copy: the dtype the model trained
+    in (model.dtype, or bf16 on a GPU run), else the base model's published dtype (config.json)."""
+    if asked != "auto":
+        return asked
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    facts = RunDir(run_dir).read_json(RunDir(run_dir).env) or {}
+    if facts.get("device") == "cuda":
+        return "bfloat16"
+    from trainer.model import model_dir
+
+    try:
+        published = json.loads((model_dir(cfg.model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(published.get("dtype") or published.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
 def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool = False,
-               dtype: str = "float32", max_bytes: int = 2 * 10**9) -> dict:
+               dtype: str = "auto", max_bytes: int = 2 * 10**9) -> dict:
     """Write `out` from a checkpoint of `run_dir`; returns what was done (also saved in out)."""
     import shutil
 
@@ -179,6 +201,7 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
     cfg = load_run_config(run_dir)
     folder = find_checkpoint(run_dir, step)
     stage = saved_zero_stage(run_dir, folder)
+    dtype = export_dtype(cfg, run_dir, dtype)
     torch_dtype = getattr(torch, dtype)
     if out.exists():
         shutil.rmtree(out)
@@ -191,7 +214,12 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
         facts = {"merged": False}
     else:
         facts = export_peft(cfg, tensors, out, torch_dtype, max_bytes, merge)
-    facts.update({"run_dir": str(run_dir), "checkpoint": folder.name, "method": cfg.peft.method,
+        facts["vllm_problem"] = None if facts.get("merged") else vllm_problem(cfg.peft)
+        if facts["vllm_problem"]:
+            print(f"[export] warning: vLLM cannot serve this adapter: {facts['vllm_problem']}. Export with --merge "
+                  "for a plain model that vLLM (and every server) loads, or serve the adapter with "
+                  "transformers + peft", file=sys.stderr)
+    facts.update({"run_dir": str(run_dir), "checkpoint": folder.name, "method": cfg.peft.method, "dtype": dtype,
                   "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
                   "seconds": round(time.perf_counter() - started, 2)})
     (out / "shardtune_export.json").write_text(json.dumps(facts, indent=1) + "\n")

@@ -163,6 +163,9 @@ def test_offline_export_adapter_merge_and_sharded_full_model(tmp_path):
     proc = shardtune("export", str(lora), "--out", str(tmp_path / "adapter"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert load_and_compare(tmp_path / "adapter", probe)["max_diff"] < TOLERANCE
+    written = json.loads((tmp_path / "adapter" / "shardtune_export.json").read_text())
+    assert written["dtype"] == "float32" and written["vllm_problem"] is None  # a CPU run of an fp32 model
+    assert "vLLM cannot serve" not in proc.stdout
     proc = shardtune("export", str(lora), "--step", "2", "--merge", "--out", str(tmp_path / "merged"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert json.loads((tmp_path / "merged" / "shardtune_export.json").read_text())["merge_max_logit_diff"] < TOLERANCE
@@ -229,3 +232,32 @@ def test_qlora_is_refused_by_the_cli_before_spawning(tmp_path):
     assert proc.returncode == 2, proc.stdout
     assert "peft.quantize_4bit=true" in proc.stdout and "peft=lora" in proc.stdout
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing written, nothing spawned
+
+
+@pytest.mark.parametrize("method, servable", [("lora", True), ("dora", False), ("ia3", False), ("prefix_tuning", False)])
+def test_vllm_servability_is_said_per_method(method, servable):
+    from trainer.config import PeftConfig
+    from trainer.peft_methods import vllm_problem
+
+    assert (vllm_problem(PeftConfig(method=method)) is None) == servable
+    assert vllm_problem(PeftConfig(method="none")) is None
+    assert "modules_to_save" in vllm_problem(PeftConfig(method="lora", modules_to_save=["lm_head"]))
+
+
+def test_export_dtype_defaults_to_what_the_model_trained_or_was_published_in(tmp_path):
+    from launcher.export_cmd import export_dtype
+    from trainer.config import RootConfig
+    from trainer.run_dir import RunDir
+
+    cfg = RootConfig()
+    cfg.model.name_or_path = "builtin:tiny-llama"
+    run = RunDir(tmp_path)
+    run.write_json(run.env, {"device": "cuda"})
+    assert export_dtype(cfg, tmp_path, "auto") == "bfloat16"  # a GPU run trains in bf16
+    assert export_dtype(cfg, tmp_path, "float16") == "float16"  # asked for
+    run.write_json(run.env, {"device": "cpu"})
+    published = json.loads((REPO / "trainer/builtin/tiny-llama/config.json").read_text())
+    expected = str(published.get("dtype") or published.get("torch_dtype") or "float32")
+    assert export_dtype(cfg, tmp_path, "auto") == expected
+    cfg.model.dtype = "bfloat16"
+    assert export_dtype(cfg, tmp_path, "auto") == "bfloat16"  # model.dtype as trained

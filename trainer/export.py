@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from trainer.peft_methods import vllm_problem
 from trainer.run_dir import RunDir
 from trainer.weights import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -179,6 +180,10 @@ def export_final(ctx) -> None:
         size = sum(f.stat().st_size for f in out.rglob("*.safetensors") if "base" not in f.parts)
         ctx.log(f"exported {'model' if cfg.peft.method == 'none' else 'adapter'} to {out} "
                 f"({size / 1e6:.2f} MB of weights) in {time.perf_counter() - started:.1f}s")
+        problem = vllm_problem(cfg.peft)
+        if problem:
+            ctx.log(f"warning: vLLM cannot serve this adapter: {problem}; `shardtune export {ctx.run_dir} --merge "
+                    "--out DIR` writes a plain model every server loads")
         RunDir(ctx.run_dir).export_record.write_text(json.dumps(
             {"dir": str(out), "method": cfg.peft.method, "weights_bytes": size,
              "seconds": round(time.perf_counter() - started, 2)}) + "\n")

@@ -21,6 +21,25 @@ IA3_TARGETS: Tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD: Tuple[str, ...] = ("down_proj",)
 
 
+# Why vLLM's LoRA loader refuses an adapter (None: it serves it). --merge gives a plain model instead.
+VLLM_REFUSES = {
+    "lora": None,
+    "dora": "vLLM serves plain LoRA only; DoRA's magnitude vectors are not loaded",
+    "ia3": "vLLM serves LoRA adapters only, not (IA)^3 scaling vectors",
+    "prefix_tuning": "vLLM serves LoRA adapters only, not prefix-tuning key/value prefixes",
+}
+
+
+def vllm_problem(cfg: PeftConfig) -> Optional[str]:
+    """Why vLLM (`--enable-lora`) cannot serve this adapter as exported, or None."""
+    if cfg.method == "none":
+        return None
+    reason = VLLM_REFUSES.get(cfg.method, f"vLLM does not know peft method {cfg.method!r}")
+    if reason is None and cfg.modules_to_save:
+        reason = f"peft.modules_to_save={list(cfg.modules_to_save)} adds whole trained modules, which vLLM's LoRA loader refuses"
+    return reason
+
+
 def _targets(cfg: PeftConfig, family: str):
     if cfg.target_modules == "family":
         from trainer.families import lora_targets
