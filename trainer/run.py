@@ -20,6 +20,7 @@ from trainer.allocator import in_use as allocator_in_use
 from trainer.config import RootConfig, load_run_config
 from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers, record_exit
 from trainer.distributed import DistInfo, init_distributed, shutdown
+from trainer.faults import Faults
 from trainer.run_dir import RunDir
 
 
@@ -92,7 +93,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
     ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
                        train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
-                       stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log)
+                       stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log,
+                       faults=Faults(cfg.train.fault_injection, info.rank))
     if cfg.train.timing:
         from trainer.timing import PhaseTimer
 

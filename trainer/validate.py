@@ -74,7 +74,7 @@ def _check_positive(cfg: RootConfig, problems: List[str]) -> None:
 
 
 def _check_batch(cfg: RootConfig, problems: List[str]) -> None:
-    world = cfg.cluster.nnodes * cfg.cluster.nproc_per_node
+    world = cfg.cluster.world_size
     per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     gbs = cfg.train.global_batch_size
     if gbs is not None and per_step > 0 and gbs != per_step:
