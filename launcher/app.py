@@ -197,11 +197,51 @@ def run_dir_problem(argv: List[str]) -> str | None:
     return None
 
 
+# Hydra flags that take a value (`-cd DIR`); --info takes one of its topics, or none.
+_VALUE_FLAGS = {"-cd", "--config-dir", "-cn", "--config-name", "-cp", "--config-path", "-c", "--cfg", "-p",
+                "--package", "-sc", "--shell-completion"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def override_problem(argv: List[str]) -> str | None:
+    """A bad override (an unknown key, a wrong group) said in our words before Hydra's main would print
+    its own traceback-style advice. Sweeps (-m) and --help are left to Hydra."""
+    if {"-m", "--multirun", "-h", "--help", "--hydra-help", "-sc", "--shell-completion"} & set(argv):
+        return None
+    overrides, config_dirs, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-cd", "--config-dir") and rest:
+            config_dirs.append(rest.pop(0))
+        elif arg.startswith("--config-dir="):
+            config_dirs.append(arg.split("=", 1)[1])
+        elif arg in _VALUE_FLAGS and rest:
+            rest.pop(0)
+        elif arg in ("-i", "--info") and rest and rest[0] in _INFO_TOPICS:
+            rest.pop(0)
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from launcher.compose import composition_problem, config_dir_overrides
+
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
+            hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
+    except ConfigError as err:
+        return "\n".join(err.problems)
+    except (HydraException, OmegaConfBaseException) as err:
+        return composition_problem(err)
+    return None
+
+
 def train_main(argv: List[str]) -> int:
     """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
     register()
     _exit_codes.clear()
-    problem = run_dir_problem(argv)
+    problem = run_dir_problem(argv) or override_problem(argv)
     if problem:
         print(f"shardtune: {problem}", file=sys.stderr)
         return 2

@@ -74,8 +74,53 @@ def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[
     return validate(cfg, has_cuda=has_cuda(cfg) if on_gpu is None else on_gpu, check_files=validate_files)
 
 
+def schema_keys(node=None, prefix: str = "") -> List[str]:
+    """Every key of the config schema, dotted (optim.lr, cluster.slurm.time, ...)."""
+    import dataclasses
+
+    node = RootConfig if node is None else node
+    keys = []
+    for spec in dataclasses.fields(node):
+        key = f"{prefix}{spec.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(spec.type) or (isinstance(spec.type, str) and spec.type in _DATACLASSES):
+            keys += schema_keys(_DATACLASSES.get(spec.type, spec.type), f"{key}.")
+    return keys
+
+
+def _dataclasses() -> dict:
+    import dataclasses
+
+    from trainer import config
+
+    return {name: obj for name, obj in vars(config).items() if dataclasses.is_dataclass(obj) and isinstance(obj, type)}
+
+
+_DATACLASSES = _dataclasses()
+
+
+def unknown_key_problem(text: str) -> Optional[str]:
+    """In our words, for an override naming a key the schema does not have: the closest valid keys
+    (Hydra's own advice, `+key=...`, would only be refused by the schema next)."""
+    import difflib
+    import re
+
+    match = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if not match:
+        return None
+    key = match.group(1)
+    close = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (f"{key} is not a setting of shardtune's config; {hint}`shardtune train --help` lists every group "
+            "and key")
+
+
 def composition_problem(err: Exception) -> str:
-    """Hydra's message for a bad override, with the schema's reason (e.g. "Key 'foo' not in 'TrainConfig'")."""
+    """Hydra's message for a bad override, with the schema's reason (e.g. "Key 'foo' not in 'TrainConfig'");
+    an unknown key is said in our words with the closest valid ones."""
+    ours = unknown_key_problem(str(err))
+    if ours:
+        return ours
     text = str(err).split("Config search path:")[0]  # Hydra's search path tells a user nothing here
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cause = err.__cause__

@@ -125,9 +125,10 @@ def test_validate_passes_a_good_config_through():
     assert validate(cfg, has_cuda=False) is cfg
 
 
-@pytest.mark.parametrize("command", ["preflight", "bench"])
+@pytest.mark.parametrize("command", ["train", "preflight", "bench"])
 @pytest.mark.parametrize("override, needles", [
-    ("train.foo=1", ["train.foo", "Key 'foo' not in 'TrainConfig'"]),
+    ("train.foo=1", ["train.foo is not a setting of shardtune's config", "shardtune train --help"]),
+    ("optim.lrr=1e-4", ["optim.lrr is not a setting", "did you mean optim.lr"]),
     ("model=nosuch", ["model/nosuch", "tiny_llama"]),
     ("train.micro_batch_size=abc", ["train.micro_batch_size=abc", "Integer"])])
 def test_subcommands_name_a_bad_override_without_a_traceback(command, override, needles):
