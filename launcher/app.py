@@ -221,19 +221,12 @@ def override_problem(argv: List[str]) -> str | None:
             rest.pop(0)
         elif not arg.startswith("-"):
             overrides.append(arg)
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from launcher.compose import composition_problem, config_dir_overrides
+    from launcher.compose import compose_node
 
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-            hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
+        compose_node(overrides, config_dirs)
     except ConfigError as err:
         return "\n".join(err.problems)
-    except (HydraException, OmegaConfBaseException) as err:
-        return composition_problem(err)
     return None
 
 

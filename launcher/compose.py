@@ -60,6 +60,13 @@ def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[
     validates it as for a machine with (True) or without (False) GPUs instead of this one: a CPU
     login node estimating a GPU job. `config_dirs`: the user's own config folders (`-cd`).
     """
+    cfg = to_config(compose_node(overrides, config_dirs))
+    return validate(cfg, has_cuda=has_cuda(cfg) if on_gpu is None else on_gpu, check_files=validate_files)
+
+
+def compose_node(overrides: List[str], config_dirs: Sequence[str] = ()):
+    """Hydra's composition alone (no schema binding, no validation); a bad override is a ConfigError
+    that says which, not a traceback."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -67,36 +74,22 @@ def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[
     register()
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-            node = hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
-    except (HydraException, OmegaConfBaseException) as err:  # a bad override: say which, not a traceback
+            return hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError([composition_problem(err)]) from None
-    cfg = to_config(node)
-    return validate(cfg, has_cuda=has_cuda(cfg) if on_gpu is None else on_gpu, check_files=validate_files)
 
 
-def schema_keys(node=None, prefix: str = "") -> List[str]:
+def schema_keys(node: type = RootConfig, prefix: str = "") -> List[str]:
     """Every key of the config schema, dotted (optim.lr, cluster.slurm.time, ...)."""
     import dataclasses
+    import typing
 
-    node = RootConfig if node is None else node
     keys = []
-    for spec in dataclasses.fields(node):
-        key = f"{prefix}{spec.name}"
-        keys.append(key)
-        if dataclasses.is_dataclass(spec.type) or (isinstance(spec.type, str) and spec.type in _DATACLASSES):
-            keys += schema_keys(_DATACLASSES.get(spec.type, spec.type), f"{key}.")
+    for name, hint in typing.get_type_hints(node).items():
+        keys.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(hint):
+            keys += schema_keys(hint, f"{prefix}{name}.")
     return keys
-
-
-def _dataclasses() -> dict:
-    import dataclasses
-
-    from trainer import config
-
-    return {name: obj for name, obj in vars(config).items() if dataclasses.is_dataclass(obj) and isinstance(obj, type)}
-
-
-_DATACLASSES = _dataclasses()
 
 
 def unknown_key_problem(text: str) -> Optional[str]:
