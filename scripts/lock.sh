@@ -19,7 +19,7 @@ compile() {  # $1: variant, then extra environment for pip
   local variant=$1; shift
   env "$@" CUSTOM_COMPILE_COMMAND="make lock" "$TOOLS/bin/pip-compile" -q --allow-unsafe --strip-extras --no-emit-find-links \
     --no-emit-index-url --no-emit-trusted-host --annotation-style=line --upgrade \
-    --extra test --extra gguf --extra sweeps \
+    --extra test --extra gguf --extra sweeps --extra trackers \
     -o "requirements/lock-$variant.txt" \
     pyproject.toml requirements/build.in "requirements/torch-$variant.in"
 }
