@@ -234,6 +234,16 @@ def train_main(argv: List[str]) -> int:
     """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
     register()
     _exit_codes.clear()
+    if {"-V", "--version"} & set(argv):  # ours, not Hydra's
+        from launcher.cli import version_text
+
+        print(version_text())
+        return 0
+    keys = [a for a in argv if not a.startswith("-") and "=" not in a]
+    if {"-h", "--help"} & set(argv) and keys:  # `--help KEY`: what the key does, from the schema
+        from launcher.config_cmd import main as describe_keys
+
+        return describe_keys([a for a in argv if a not in ("-h", "--help")])
     problem = run_dir_problem(argv) or override_problem(argv)
     if problem:
         print(f"shardtune: {problem}", file=sys.stderr)

@@ -15,6 +15,7 @@ COMMANDS = {
     "report": ("launcher.report_cmd:main", "write an HTML/markdown report of a run or a sweep"),
     "sweep": ("launcher.sweep_cmd:main", "`sweep summary SWEEP_DIR`: rank the trials of a sweep"),
     "stop": ("launcher.stop_cmd:main", "ask a running run to checkpoint and stop: shardtune stop RUN_DIR"),
+    "config": ("launcher.config_cmd:main", "what a setting does: `shardtune config optim.lr`, `shardtune config peft`"),
 }
 
 USAGE = """usage: shardtune <command> [args]
@@ -24,7 +25,8 @@ Fine-tune language models with DeepSpeed ZeRO, locally, on a hostfile cluster or
 commands:
 {commands}
 
-`shardtune train --help` shows the config groups and options; `shardtune <command> --help` the rest;
+`shardtune train --help` shows the config groups and options, `shardtune config KEY` what one does;
+`shardtune <command> --help` the rest;
 `shardtune --version` our version and those of torch, deepspeed, transformers, peft, datasets, hydra.
 Examples:
   shardtune train                                   # the embedded demo: tiny Llama, 2 CPU ranks, ZeRO-3

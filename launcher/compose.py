@@ -104,8 +104,8 @@ def unknown_key_problem(text: str) -> Optional[str]:
     key = match.group(1)
     close = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    return (f"{key} is not a setting of shardtune's config; {hint}`shardtune train --help` lists every group "
-            "and key")
+    return (f"{key} is not a setting of shardtune's config; {hint}`shardtune config` describes every key "
+            "(`shardtune train --help` lists the groups)")
 
 
 def composition_problem(err: Exception) -> str:

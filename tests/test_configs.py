@@ -127,7 +127,7 @@ def test_validate_passes_a_good_config_through():
 
 @pytest.mark.parametrize("command", ["train", "preflight", "bench"])
 @pytest.mark.parametrize("override, needles", [
-    ("train.foo=1", ["train.foo is not a setting of shardtune's config", "shardtune train --help"]),
+    ("train.foo=1", ["train.foo is not a setting of shardtune's config", "shardtune config"]),
     ("optim.lrr=1e-4", ["optim.lrr is not a setting", "did you mean optim.lr"]),
     ("model=nosuch", ["model/nosuch", "tiny_llama"]),
     ("train.micro_batch_size=abc", ["train.micro_batch_size=abc", "Integer"])])
@@ -137,3 +137,25 @@ def test_subcommands_name_a_bad_override_without_a_traceback(command, override, 
     assert "Traceback" not in proc.stdout
     for needle in needles:
         assert needle in proc.stdout
+
+
+def test_every_setting_is_described_in_the_schema():
+    """`shardtune config` reads descriptions from the comments beside the schema's fields: a key added
+    without one would be listed with no word of what it does."""
+    from launcher.config_cmd import settings
+
+    undescribed = [s.key for s in settings() if not s.description]
+    assert not undescribed, f"keys with no comment in trainer/config.py: {undescribed}"
+
+
+def test_config_command_describes_keys_groups_and_presets():
+    out = shardtune("config", "optim.lr", "peft", "peft=lora", check=True).stdout
+    assert "optim.lr  (float, default 0.0002)" in out and "peak learning rate" in out
+    assert "peft=NAME picks a preset: dora, ia3, lora, none, prefix_tuning" in out
+    assert "peft.r  (int, default 16)" in out  # peft=lora's preset value, not the schema's 8
+    assert "valid: none, lora, dora, ia3, prefix_tuning" in out
+    typo = shardtune("config", "optim.lrr")
+    assert typo.returncode == 2 and "did you mean optim.lr" in typo.stdout
+    # the habits of other tools: `train --help KEY`, and `train --version` naming ours, not Hydra's
+    assert "deepspeed.stage  (int, default 3)" in shardtune("train", "--help", "deepspeed.stage", check=True).stdout
+    assert shardtune("train", "--version", check=True).stdout.startswith("shardtune ")

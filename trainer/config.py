@@ -31,10 +31,10 @@ class ModelConfig:
     family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repository's own Python code (architectures transformers lacks)
     chat_template: Optional[str] = None  # "chatml" or a Jinja template; None keeps the tokenizer's
     activation_checkpointing: str = "none"  # none | full | selective
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (fixed shapes compile once: see data.pad_to)
     # 1: the model's own head and one cross-entropy over B x S x V logits; N > 1: the head applied to
     # label tokens only, in N checkpointed chunks (trainer/loss.py): a 1/N of the logits' memory
     loss_chunks: int = 1
@@ -48,7 +48,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # JSONL/JSON/Parquet/CSV files or globs; the format is detected per file (data.format)
     train_files: List[str] = field(default_factory=list)
+    # held-out files; empty: data.eval_fraction of the train documents
     eval_files: List[str] = field(default_factory=list)
     weights: List[float] = field(default_factory=list)  # mixing weights, one per train_files entry
     eval_fraction: float = 0.0  # held-out fraction when no eval_files
@@ -57,7 +59,7 @@ class DataConfig:
     # rename source fields: canonical name -> name in your files, e.g. {messages: dialog, content: text}
     fields: Dict[str, str] = field(default_factory=dict)
     loss_on: str = "assistant"  # assistant | all | last_turn
-    max_seq_len: int = 512
+    max_seq_len: int = 512  # tokens per row; longer documents follow data.length_policy
     length_policy: str = "truncate"  # truncate | drop
     packing: bool = False  # several documents per row, per-document position ids, no cross-attention
     # width of a micro-batch's rows: longest (its own longest row) | max_seq_len (every batch one
@@ -67,17 +69,19 @@ class DataConfig:
     num_proc: int = 1  # tokenizer worker processes
     cache_dir: Optional[str] = None  # default: $SHARDTUNE_DATA_CACHE or ~/.cache/shardtune/data
     streaming: bool = False  # reserved; prepared data is memory-mapped, so it need not fit in RAM
+    # shuffle the train rows each epoch (seeded by seed: the same order on every run and world size)
     shuffle: bool = True
 
 
 @dataclass
 class PeftConfig:
     method: str = "none"  # none | lora | dora | ia3 | prefix_tuning
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = 8  # LoRA/DoRA rank
+    alpha: int = 16  # LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.0  # dropout on the LoRA branch's input
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names
-    use_rslora: bool = False
+    use_rslora: bool = False  # rank-stabilised LoRA scaling, alpha / sqrt(r): better for large r
+    # modules trained in full beside the adapter, e.g. [lm_head]
     modules_to_save: List[str] = field(default_factory=list)
     num_virtual_tokens: int = 16  # prefix tuning
     quantize_4bit: bool = False  # QLoRA: not built yet, refused at validation
@@ -85,17 +89,21 @@ class PeftConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    # ZeRO stage: 0 replicates everything, 1 shards optimizer states, 2 also gradients, 3 also parameters
     stage: int = 3
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-2/3): less GPU memory, slower steps
+    offload_param: bool = False  # parameters in CPU memory (ZeRO-3 only)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     overlap_comm: Optional[bool] = None  # None: derived (on for GPU)
+    # copy gradients into one contiguous buffer as they are produced (less fragmentation)
     contiguous_gradients: bool = True
     reduce_bucket_size: Optional[int] = None  # None: DeepSpeed's default
-    allgather_bucket_size: Optional[int] = None
+    allgather_bucket_size: Optional[int] = None  # elements per all-gather (ZeRO-1/2); None: DeepSpeed's default
+    # ZeRO-3: elements of parameters fetched ahead; None: DeepSpeed's default
     stage3_prefetch_bucket_size: Optional[int] = None
+    # ZeRO-3: parameters smaller than this stay whole on every rank
     stage3_param_persistence_threshold: Optional[int] = None
-    stage3_max_live_parameters: Optional[int] = None
+    stage3_max_live_parameters: Optional[int] = None  # ZeRO-3: most parameters gathered at once before release
     zero_hpz_partition_size: int = 1  # ZeRO++ hpZ
     zero_quantized_weights: bool = False  # ZeRO++ qwZ
     zero_quantized_gradients: bool = False  # ZeRO++ qgZ
@@ -106,26 +114,26 @@ class DeepSpeedConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw (torch), fused_adam / cpu_adam (DeepSpeed ops)
     fused: bool = True  # adamw: torch's single-kernel AdamW (CPU and CUDA); false: the foreach one
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr: float = 2e-4  # peak learning rate (after warmup): full fine-tuning ~1e-5, LoRA ~1e-4 to 3e-4
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    beta1: float = 0.9  # Adam's first-moment decay
+    beta2: float = 0.999  # Adam's second-moment decay
+    eps: float = 1e-8  # Adam's denominator epsilon
     scheduler: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at optim.lr x this
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0: no clipping
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    micro_batch_size: int = 2
-    grad_accum: int = 1
+    max_steps: int = 100  # optimizer steps of the whole run (a resumed run continues up to it)
+    micro_batch_size: int = 2  # rows per rank per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = micro x accum x world size
     global_batch_size: Optional[int] = None  # if set: must equal micro x accum x world size
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between metrics lines
     max_nonfinite_steps: int = 3  # abort after this many non-finite steps in a row
-    deterministic: bool = True
+    deterministic: bool = True  # deterministic kernels: the same seed and data give the same losses
     timing: bool = False  # per-phase step timing + peak memory per rank in <run.dir>/timing/ (shardtune bench)
     profile_steps: int = 0  # > 0: torch.profiler over the last N steps, tables in <run.dir>/profile/
     fault_injection: Dict[str, Any] = field(default_factory=dict)  # tests only: see trainer/faults.py
@@ -134,56 +142,58 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # 0: only at the start (baseline) and the end
-    baseline: bool = True
+    baseline: bool = True  # evaluate once before the first step (the report's 'before')
     max_batches: int = 0  # 0: the whole eval split
     general_files: List[str] = field(default_factory=list)  # text the model should not forget
+    # prompts answered greedily before and after training (shown in the report)
     prompts: List[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # more prompts, one per line (added after `prompts`)
     prompt_style: str = "auto"  # auto (chat when the train data is chat) | chat | text (plain continuation)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # tokens generated per eval prompt
     retention_threshold: float = 0.05  # flag when general eval loss worsens by more than this
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 50
-    keep_last: int = 2
-    save_final: bool = True
+    every_steps: int = 50  # optimizer steps between checkpoints; 0: only at the end (and on a stop signal)
+    keep_last: int = 2  # checkpoints kept (older ones are removed after a newer one is committed)
+    save_final: bool = True  # checkpoint at the last step
     export_final: bool = True  # write an HF model / adapter to <run.dir>/export at the end
 
 
 @dataclass
 class SlurmConfig:
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    time: str = "01:00:00"
-    gpus_per_node: int = 0
+    partition: Optional[str] = None  # sbatch --partition
+    account: Optional[str] = None  # sbatch --account
+    qos: Optional[str] = None  # sbatch --qos
+    constraint: Optional[str] = None  # sbatch --constraint (node features)
+    time: str = "01:00:00"  # sbatch --time: the job's limit; it checkpoints and requeues itself before it
+    gpus_per_node: int = 0  # sbatch --gpus-per-node; 0: none requested (CPU jobs)
     # The node's one launcher task runs all its ranks: its CPUs and memory are theirs. None: the whole
     # node with exclusive (all CPUs, --mem=0), else cpus_per_rank x nproc_per_node and the cluster's memory.
     cpus_per_task: Optional[int] = None
     cpus_per_rank: int = 2  # when cpus_per_task is None on a shared node; small enough for any node
+    # sbatch --mem per node, e.g. 200G; None: all of an exclusive node, else the cluster's default
     mem: Optional[str] = None
-    exclusive: bool = False
+    exclusive: bool = False  # sbatch --exclusive: whole nodes
     signal_seconds: int = 120  # --signal=B:USR1@N before the time limit
-    max_requeues: int = 3
-    extra_sbatch: List[str] = field(default_factory=list)
+    max_requeues: int = 3  # requeues after a time limit or preemption before the job gives up
+    extra_sbatch: List[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ['--reservation=x']
     setup: List[str] = field(default_factory=list)  # shell lines run before launching (modules, venv)
-    template: str = "slurm/job.sbatch.j2"
+    template: str = "slurm/job.sbatch.j2"  # the job script's Jinja template
     submit: bool = True  # False: write the script and print it (dry run)
     job_name: Optional[str] = None  # default: run.name
     python: Optional[str] = None  # interpreter on the compute nodes; default: the one running shardtune
-    preflight: bool = True
+    preflight: bool = True  # run preflight for the job's GPUs before submitting
 
 
 @dataclass
 class ClusterConfig:
     backend: str = "local"  # local | slurm | hostfile
-    nnodes: int = 1
-    nproc_per_node: int = 2
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    nnodes: int = 1  # nodes of the job
+    nproc_per_node: int = 2  # ranks per node (one per GPU; on CPU, processes)
+    node_rank: int = 0  # this node's rank (cluster=hostfile with no_ssh: set on each node)
+    master_addr: str = "127.0.0.1"  # address of node 0 for the rendezvous
     master_port: Optional[int] = None  # None: a free port (local) or derived from the job id (slurm)
     hostfile: Optional[str] = None  # cluster=hostfile: "host slots=N" lines, as for the deepspeed launcher
     no_ssh: bool = False  # cluster=hostfile: run the same command on every node with its cluster.node_rank
@@ -195,7 +205,7 @@ class ClusterConfig:
     # preloaded into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
     allocator: str = "auto"
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
-    heartbeat_timeout_s: int = 120
+    heartbeat_timeout_s: int = 120  # a rank silent this long is named as hung and the job ends
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -219,8 +229,8 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = MISSING
-    name: str = MISSING
+    dir: str = MISSING  # the run directory: config, checkpoints, metrics, exports; the same dir again resumes
+    name: str = MISSING  # the run's name (W&B and reports); default: the timestamp of run.dir
     launch: str = "spawn"  # spawn | print (write the run dir, print the worker commands) | dry_run
     # what an Optuna sweep minimises: a key of metrics.jsonl, its last value (eval_loss, loss, general_loss)
     sweep_metric: str = "eval_loss"
@@ -239,7 +249,7 @@ class RootConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    seed: int = 1234
+    seed: int = 1234  # seeds model init, data order and dropout
     resume: str = "auto"  # auto | never | <path to a checkpoint folder>
     experiment: Optional[str] = None  # name of the experiment preset, informational
 
