@@ -230,6 +230,19 @@ def override_problem(argv: List[str]) -> str | None:
     return None
 
 
+def _submit_array(trials: List[Path]) -> int:
+    """The sweep's Slurm trials, written by Hydra's sweep, submitted as one job array."""
+    from launcher.slurm_array import submit_sweep
+    from trainer.config import load_run_config
+
+    try:
+        submit_sweep(trials, load_run_config(trials[0]).cluster.slurm.sweep_parallelism)
+    except SystemExit as err:  # sbatch refused: its own words
+        print(f"shardtune: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def train_main(argv: List[str]) -> int:
     """Run Hydra on `argv` (overrides and Hydra flags such as --cfg job, --help, -m)."""
     register()
@@ -250,7 +263,15 @@ def train_main(argv: List[str]) -> int:
         return 2
     sys.argv = ["shardtune train", *argv]
     app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)
-    app()
+    from launcher import slurm_array
+
+    slurm_array.pending = [] if {"-m", "--multirun"} & set(argv) else None  # Slurm trials: one array
+    try:
+        app()
+        if slurm_array.pending and _submit_array(slurm_array.pending) != 0:
+            return 1
+    finally:
+        slurm_array.pending = None
     if not _exit_codes:
         return 0  # --cfg, --help and friends
     return 0 if len(_exit_codes) > 1 and any(c == 0 for c in _exit_codes) else max(_exit_codes, key=abs)

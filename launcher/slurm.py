@@ -68,15 +68,20 @@ def in_allocation(env=os.environ) -> bool:
     return bool(job) and env.get("SHARDTUNE_BATCH_JOB") != job
 
 
-def submit(script: Path, run_dir: Path) -> str:
+def sbatch(script: Path, cwd: Path) -> str:
     """sbatch the script; returns the job id (raises SystemExit with sbatch's own words on failure)."""
     if not shutil.which("sbatch"):
         raise SystemExit("cluster=slurm: `sbatch` is not on PATH; run on a Slurm login node, or write the "
                          "script without submitting: cluster.slurm.submit=false")
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=run_dir)
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise SystemExit(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-    job_id = proc.stdout.strip().splitlines()[-1].split(";")[0]
+    return proc.stdout.strip().splitlines()[-1].split(";")[0]
+
+
+def submit(script: Path, run_dir: Path) -> str:
+    """sbatch a run's script and record the job id in its run directory."""
+    job_id = sbatch(script, run_dir)
     RunDir(run_dir).slurm_job_id.write_text(job_id + "\n")
     with open(RunDir(run_dir).slurm_submissions, "a") as handle:
         handle.write(json.dumps({"job_id": job_id, "time": time.time(), "script": str(script)}) + "\n")
@@ -151,6 +156,12 @@ def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         return 0
     if cfg.cluster.slurm.preflight and not preflight_fits(cfg, on_gpu):
         return 3
+    from launcher import slurm_array
+
+    if slurm_array.pending is not None:  # a sweep: submitted with the other trials as one array
+        slurm_array.pending.append(run_dir)
+        print(f"[shardtune] wrote {script}; the sweep submits it with the other trials as one job array", flush=True)
+        return 0
     job_id = submit(script, run_dir)
     print(follow_hint(job_id, run_dir), flush=True)
     return 0

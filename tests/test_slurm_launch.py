@@ -147,3 +147,26 @@ def test_inside_an_allocation_srun_is_given_its_cpus_per_task(tmp_path, monkeypa
     launch_in_allocation(cfg, tmp_path)
     assert not [a for a in started[0] if a.startswith("--cpus-per-task")]
     assert "--cpus-per-task=16" in started[1] and started[1].index("--cpus-per-task=16") < started[1].index("-m")
+
+
+def test_a_sweeps_trials_share_an_array_only_when_they_request_the_same_resources(tmp_path):
+    """Trials differing only in hyperparameters share one array; a trial asking for other nodes gets its
+    own (an array's #SBATCH lines are one for all its tasks). The real submission: tests/slurm/."""
+    from launcher.slurm_array import array_script, groups, requests
+    from trainer.run_dir import RunDir
+
+    trials = []
+    for n, nodes in enumerate([1, 1, 2]):
+        cfg = compose(["cluster=slurm", f"cluster.nnodes={nodes}", f"run.dir={tmp_path / f'trial-{n}'}",
+                       f"run.name=sweep-{n}", f"optim.lr={n + 1}e-4"])
+        RunDir(tmp_path / f"trial-{n}").path.mkdir()
+        RunDir(tmp_path / f"trial-{n}").job_script.write_text(render_script(cfg, tmp_path / f"trial-{n}"))
+        trials.append(tmp_path / f"trial-{n}")
+    found = list(groups(trials).values())
+    assert found == [trials[:2], trials[2:]]
+    shared = requests(RunDir(trials[0]).job_script)
+    assert "#SBATCH --signal=B:USR1@120" in shared and not any("--job-name" in line for line in shared)
+    script = array_script(tmp_path, "sweep", trials[:2], shared, parallelism=3)
+    assert "#SBATCH --array=0-1%3" in script and f"#SBATCH --output={tmp_path}/slurm-%A_%a.out" in script
+    assert str(RunDir(trials[1]).job_script) in script and 'exec bash "$SCRIPT"' in script
+    assert "%" not in array_script(tmp_path, "sweep", trials[:2], shared, parallelism=0).split("--array=")[1].split()[0]

@@ -178,6 +178,8 @@ class SlurmConfig:
     exclusive: bool = False  # sbatch --exclusive: whole nodes
     signal_seconds: int = 120  # --signal=B:USR1@N before the time limit
     max_requeues: int = 3  # requeues after a time limit or preemption before the job gives up
+    # a sweep (-m): its trials are one job array, at most this many running at once (--array=...%K); 0: no limit
+    sweep_parallelism: int = 4
     extra_sbatch: List[str] = field(default_factory=list)  # more #SBATCH lines, e.g. ['--reservation=x']
     setup: List[str] = field(default_factory=list)  # shell lines run before launching (modules, venv)
     template: str = "slurm/job.sbatch.j2"  # the job script's Jinja template

@@ -62,7 +62,8 @@ def _check_positive(cfg: RootConfig, problems: List[str]) -> None:
         problems.append(f"optim.lr={cfg.optim.lr} must be > 0 (a typical fine-tuning lr is 1e-5 to 3e-4)")
     for key in ("optim.weight_decay", "optim.warmup_steps", "optim.grad_clip", "checkpoint.every_steps",
                 "eval.every_steps", "checkpoint.keep_last", "train.max_nonfinite_steps", "eval.max_new_tokens",
-                "eval.retention_threshold", "eval.max_batches", "train.profile_steps"):
+                "eval.retention_threshold", "eval.max_batches", "train.profile_steps",
+                "cluster.slurm.sweep_parallelism"):
         if _get(cfg, key) < 0:
             problems.append(f"{key}={_get(cfg, key)} must be >= 0")
     if not 0 <= cfg.data.eval_fraction < 1:
