@@ -1,9 +1,10 @@
-"""`shardtune export RUN_DIR [--step N] [--merge] --out DIR`: a Hugging Face folder from a checkpoint.
+"""`shardtune export RUN_DIR [--step N] [--merge] [--gguf [--quant Q]] --out DIR`: a Hugging Face folder from a checkpoint.
 
 Offline, one process, no DeepSpeed engine: the sharded ZeRO checkpoint is consolidated with
 DeepSpeed's zero_to_fp32 (lazily: each tensor is assembled from the ranks' partitions only when
 it is written). Full fine-tuning gives a model folder written shard by shard; a peft run gives an
-adapter folder, or with --merge a merged model, checked numerically against base + adapter.
+adapter folder, or with --merge a merged model, checked numerically against base + adapter. With
+--gguf the (merged) model folder also gets `model.gguf` and an Ollama `Modelfile` (trainer/gguf_export.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from trainer.gguf_export import QUANTS as GGUF_QUANTS
+from trainer.gguf_export import SUPPORTED as GGUF_SUPPORTED
+from trainer.gguf_export import GGUFExportError
 from trainer.peft_methods import vllm_problem
 from trainer.run_dir import RunDir
 
@@ -45,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the written weights; auto (default): the dtype the model trained in (bf16 on "
                         "GPU runs, model.dtype when set), else the one the base model was published in")
+    p.add_argument("--gguf", action="store_true",
+                   help="also write DIR/model.gguf (llama.cpp, Ollama) and DIR/Modelfile; peft runs are merged "
+                        "first. Architectures: " + ", ".join(sorted(GGUF_SUPPORTED)))
+    p.add_argument("--quant", choices=GGUF_QUANTS, default=None,
+                   help="with --gguf: the type of the GGUF's weight matrices (default f16; norms stay f32)")
     return p
 
 
@@ -188,9 +197,30 @@ def export_dtype(cfg, run_dir: Path, asked: str) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
+def refuse_unsupported_gguf(cfg) -> None:
+    """Before any work: the GGUF layout of the run's architecture must be known (the error names it)."""
+    from trainer.gguf_export import layout_for
+    from trainer.model import model_dir
+
+    config = json.loads((model_dir(cfg.model) / "config.json").read_text())
+    layout_for(config.get("model_type", "?"))
+
+
+def add_gguf(out: Path, quant: str, facts: dict) -> None:
+    """`out/model.gguf` and `out/Modelfile` from the model folder just written to `out`."""
+    from trainer.gguf_export import export_folder
+
+    started = time.perf_counter()
+    gguf = export_folder(out, out, quant, name=Path(facts["run_dir"]).name)
+    facts["gguf"] = {**gguf, "seconds": round(time.perf_counter() - started, 2)}
+
+
 def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool = False,
-               dtype: str = "auto", max_bytes: int = 2 * 10**9) -> dict:
-    """Write `out` from a checkpoint of `run_dir`; returns what was done (also saved in out)."""
+               dtype: str = "auto", max_bytes: int = 2 * 10**9, gguf: Optional[str] = None) -> dict:
+    """Write `out` from a checkpoint of `run_dir`; returns what was done (also saved in out).
+
+    `gguf` ("f16", "bf16", "q8_0"): also write `out/model.gguf` and `out/Modelfile`; a peft run is
+    merged first (a GGUF holds one plain model)."""
     import shutil
 
     from trainer.config import load_run_config
@@ -199,6 +229,9 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
     started = time.perf_counter()
     run_dir = Path(run_dir).resolve()
     cfg = load_run_config(run_dir)
+    if gguf:
+        refuse_unsupported_gguf(cfg)
+        merge = cfg.peft.method != "none"
     folder = find_checkpoint(run_dir, step)
     stage = saved_zero_stage(run_dir, folder)
     dtype = export_dtype(cfg, run_dir, dtype)
@@ -220,8 +253,10 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
                   "for a plain model that vLLM (and every server) loads, or serve the adapter with "
                   "transformers + peft", file=sys.stderr)
     facts.update({"run_dir": str(run_dir), "checkpoint": folder.name, "method": cfg.peft.method, "dtype": dtype,
-                  "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-                  "seconds": round(time.perf_counter() - started, 2)})
+                  "weights_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors"))})
+    if gguf:
+        add_gguf(out, gguf, facts)
+    facts["seconds"] = round(time.perf_counter() - started, 2)
     (out / "shardtune_export.json").write_text(json.dumps(facts, indent=1) + "\n")
     return facts
 
@@ -231,9 +266,21 @@ def main(argv: List[str]) -> int:
     if not RunDir(args.run_dir).is_run():
         print(f"shardtune export: {args.run_dir} is not a shardtune run directory (no config.yaml)", file=sys.stderr)
         return 2
-    facts = export_run(args.run_dir, args.out, args.step, args.merge, args.dtype, args.max_shard_size)
+    if args.quant and not args.gguf:
+        print("shardtune export: --quant applies to the GGUF file: add --gguf", file=sys.stderr)
+        return 2
+    try:
+        facts = export_run(args.run_dir, args.out, args.step, args.merge, args.dtype, args.max_shard_size,
+                           gguf=(args.quant or "f16") if args.gguf else None)
+    except GGUFExportError as err:
+        print(f"shardtune export --gguf: {err}", file=sys.stderr)
+        return 2
     kind = "merged model" if facts.get("merged") else ("model" if facts["method"] == "none" else "adapter")
     extra = f", merged logits within {facts['merge_max_logit_diff']:.1e}" if facts.get("merged") else ""
     print(f"exported {kind} from {facts['checkpoint']} to {args.out} ({facts['weights_bytes'] / 1e6:.2f} MB "
           f"of weights, {facts['seconds']:.1f}s{extra})")
+    if "gguf" in facts:
+        print(f"  + {args.out / 'model.gguf'} ({facts['gguf']['quant']}, {facts['gguf']['gguf_bytes'] / 1e6:.2f} MB) "
+              f"and {args.out / 'Modelfile'}: `llama-cli -m {args.out / 'model.gguf'}`, or "
+              f"`ollama create NAME -f {args.out / 'Modelfile'}`")
     return 0

@@ -4,7 +4,9 @@ EMPTY model and data caches (a fresh HOME), then:
 - the taught made-up fact is answered after fine-tuning and not before;
 - a general question is still answered as the base model answers it;
 - the exported adapter loads with plain transformers + peft in a separate interpreter
-  (scripts/ask.py, no shardtune import), as any user would load it.
+  (scripts/ask.py, no shardtune import), as any user would load it;
+- `shardtune export --gguf` of the run gives a GGUF that transformers' reader loads with the merged
+  model's logits (check_smollm2_gguf in tests/test_gguf_export.py).
 """
 from __future__ import annotations
 
@@ -76,4 +78,11 @@ def test_new_user_demo_with_empty_caches_learns_the_fact_and_keeps_general_knowl
     assert "Quintaro" in after[TAUGHT] and "Quintaro" in plain[TAUGHT], figures
     assert "Paris" in before[GENERAL] and "Paris" in after[GENERAL], figures
     assert "before:" in proc.stdout and "after:" in proc.stdout
+    # The same LoRA run, exported as GGUF (merged, f16) and read back by transformers: checked here so
+    # that no second SmolLM2 training run is needed (tests/test_gguf_export.py). q8_0 is checked on the
+    # tiny Llama there, exactly against the same rounding; on SmolLM2 each further reload of its 49k-token
+    # GGUF costs ~35 s, measured by hand: `check_smollm2_gguf(..., quants=("f16", "q8_0"))`.
+    from test_gguf_export import check_smollm2_gguf
+
+    check_smollm2_gguf(tmp_path / "run", tmp_path / "gguf", env={"HOME": str(home)}, quants=("f16",))
 
