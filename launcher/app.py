@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from launcher.compose import CONFIG_DIR, has_cuda, register
 from launcher.rundir import world_size, write_run_dir
 from trainer.config import RootConfig, to_config
+from trainer.output_log import tee_output
 from trainer.run_dir import RunDir
 from trainer.validate import ConfigError, validate
 
@@ -51,11 +52,23 @@ def _launch(cfg: RootConfig, on_gpu: bool, overrides: List[str], node: Optional[
     run_dir = write_run_dir(cfg, on_gpu, overrides)
     if cfg.run.launch != "dry_run":
         record_resume_decision(run_dir, decision.resume_from, decision.universal, decision.reason)
-    if cfg.run.launch == "spawn":
-        print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
-        from launcher.local import prepare_model_source
+    if cfg.run.launch != "spawn":
+        return _start(cfg, run_dir, on_gpu)
+    logs = RunDir(run_dir)
+    # What this launcher prints, its ranks' output included, also goes to logs/ (each no-ssh node its own file).
+    with tee_output(logs.launcher_log(cfg.cluster.node_rank if node else 0)):
+        try:
+            print(f"[shardtune] run directory: {run_dir}", file=sys.stderr, flush=True)
+            from launcher.local import prepare_model_source
 
-        prepare_model_source(cfg, convert=cfg.cluster.backend != "slurm")
+            prepare_model_source(cfg, convert=cfg.cluster.backend != "slurm")
+            return _start(cfg, run_dir, on_gpu)
+        finally:
+            print(f"[shardtune] logs: {logs.logs}/", file=sys.stderr, flush=True)
+
+
+def _start(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
+    """Hand the written run directory to the configured backend."""
     if cfg.cluster.backend == "slurm":
         from launcher.slurm import launch_slurm
 
@@ -263,15 +276,15 @@ def train_main(argv: List[str]) -> int:
         return 2
     sys.argv = ["shardtune train", *argv]
     app = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)
-    from launcher import slurm_array
+    from launcher import slurm
 
-    slurm_array.pending = [] if {"-m", "--multirun"} & set(argv) else None  # Slurm trials: one array
+    slurm.sweep_trials = [] if {"-m", "--multirun"} & set(argv) else None  # Slurm trials: one array
     try:
         app()
-        if slurm_array.pending and _submit_array(slurm_array.pending) != 0:
+        if slurm.sweep_trials and _submit_array(slurm.sweep_trials) != 0:
             return 1
     finally:
-        slurm_array.pending = None
+        slurm.sweep_trials = None
     if not _exit_codes:
         return 0  # --cfg, --help and friends
     return 0 if len(_exit_codes) > 1 and any(c == 0 for c in _exit_codes) else max(_exit_codes, key=abs)

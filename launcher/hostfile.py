@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from launcher.local import run_workers, worker_env
-from launcher.node import node_command, read_hostfile, start_node
+from launcher.devices import VISIBLE, filter_args, read_hostfile, select_slots
+from launcher.node import node_command, node_gpus, start_node
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
 from trainer.run_dir import RunDir
@@ -29,11 +30,12 @@ from trainer.run_dir import RunDir
 def host_names(cfg: RootConfig) -> List[str]:
     """Node names in node-rank order: from the hostfile, else placeholders (no-ssh needs none)."""
     if cfg.cluster.hostfile:
-        hosts = read_hostfile(cfg.cluster.hostfile)
+        # cluster.include/exclude may leave out hosts (validated: GPU runs over ssh only)
+        hosts = list(select_slots(dict(read_hostfile(cfg.cluster.hostfile)), cfg.cluster.include, cfg.cluster.exclude))
         if len(hosts) != cfg.cluster.nnodes:
             raise SystemExit(f"cluster.hostfile={cfg.cluster.hostfile} lists {len(hosts)} host(s) but "
                              f"cluster.nnodes={cfg.cluster.nnodes}")
-        return [name for name, _ in hosts]
+        return hosts
     return [f"node{rank}" for rank in range(cfg.cluster.nnodes)]
 
 
@@ -99,13 +101,21 @@ def ssh_problem(cfg: RootConfig, hosts: List[str]) -> Optional[str]:
             "options), or run without ssh (cluster.no_ssh=true, docs/multinode.md)")
 
 
-def ssh_command(cfg: RootConfig, run_dir: Path, hosts: List[str]) -> List[str]:
+def ssh_devices(cfg: RootConfig, on_gpu: bool) -> List[str]:
+    """The runner's node and device flags. On GPUs, --num_gpus would replace every host's slots= by
+    range(nproc_per_node): the hostfile's slots (each validated equal to nproc_per_node) stand instead, or
+    cluster.include/exclude choose (the runner takes neither with --num_nodes/--num_gpus)."""
+    if on_gpu:
+        return filter_args(cfg) or ["--num_nodes", str(cfg.cluster.nnodes)]
+    return ["--num_nodes", str(cfg.cluster.nnodes), "--num_gpus", str(cfg.cluster.nproc_per_node)]
+
+
+def ssh_command(cfg: RootConfig, run_dir: Path, hosts: List[str], on_gpu: bool = False) -> List[str]:
     port = cfg.cluster.master_port or 29500
     # --no_ssh_check: shardtune checked every host already (ssh_problem); deepspeed checks only the first.
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(Path(cfg.cluster.hostfile).expanduser()),
-            "--launcher", cfg.cluster.ssh_launcher, "--num_nodes", str(cfg.cluster.nnodes),
-            "--num_gpus", str(cfg.cluster.nproc_per_node), "--master_addr", rendezvous_address(cfg, hosts),
-            "--master_port", str(port), "--no_ssh_check"]
+            "--launcher", cfg.cluster.ssh_launcher, *ssh_devices(cfg, on_gpu),
+            "--master_addr", rendezvous_address(cfg, hosts), "--master_port", str(port), "--no_ssh_check"]
     if cfg.cluster.ssh_port:
         argv += ["--ssh_port", str(cfg.cluster.ssh_port)]
     return argv + ["--module", "trainer", "--run-dir", str(run_dir)]
@@ -129,14 +139,18 @@ def launch_hostfile(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     if cfg.cluster.no_ssh:
         if cfg.run.launch != "spawn":
             argv, extra = node_command(cfg, run_dir, cfg.cluster.node_rank, hosts, cfg.cluster.master_addr,
-                                       cfg.cluster.master_port, use_deepspeed=True)
+                                       cfg.cluster.master_port, use_deepspeed=True, visible=node_gpus(cfg, on_gpu))
             print("would run on this node:\n  " + shlex.join(argv))
             return 0
         return start_node(cfg, run_dir, on_gpu, cfg.cluster.node_rank, hosts, cfg.cluster.master_addr,
                           cfg.cluster.master_port, use_deepspeed=True)
     env = worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node)
     env["DS_ENV_FILE"] = str(write_remote_env(cfg, on_gpu, run_dir))
-    argv = ssh_command(cfg, run_dir, hosts)
+    argv = ssh_command(cfg, run_dir, hosts, on_gpu)
+    if on_gpu and os.environ.get(VISIBLE) and not filter_args(cfg):
+        print(f"[shardtune] {VISIBLE}={os.environ[VISIBLE]} is this machine's; over ssh each host runs on the GPUs of "
+              "its slots= (0..slots-1): choose GPUs on the hosts with cluster.include (docs/multinode.md)",
+              file=sys.stderr, flush=True)
     if cfg.run.launch != "spawn":
         print(f"would run:\n  DS_ENV_FILE={env['DS_ENV_FILE']} {shlex.join(argv)}")
         return 0

@@ -1,4 +1,4 @@
-"""cluster=local: N ranks on this machine through the `deepspeed` launcher (one plain process for N=1)."""
+"""cluster=local: N ranks on this machine through DeepSpeed's per-node launcher (one plain process for N=1)."""
 from __future__ import annotations
 
 import errno
@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Tuple
 
+from launcher.deepspeed_launch import launch_command
+from launcher.devices import local_gpu_args, local_world
 from launcher.resources import CODE_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
@@ -50,16 +52,25 @@ def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, s
     return preload_env(cfg.cluster.allocator, on_gpu, env)
 
 
-def local_command(cfg: RootConfig, run_dir: Path, port: int) -> Tuple[List[str], Dict[str, str]]:
-    """The exact command and extra environment for a local launch."""
+def local_command(cfg: RootConfig, run_dir: Path, port: int, on_gpu: bool = False,
+                  environ: Mapping[str, str] = os.environ) -> Tuple[List[str], Dict[str, str]]:
+    """The exact command and extra environment for a local launch: one plain process for one rank, else
+    DeepSpeed's per-node launcher on the devices the user chose (CUDA_VISIBLE_DEVICES or
+    cluster.include/exclude from `environ`/`cfg`: launcher/devices.py)."""
     nproc = cfg.cluster.nproc_per_node
-    if nproc == 1:
+    chosen_by_config = on_gpu and (cfg.cluster.include or cfg.cluster.exclude)
+    if nproc == 1 and not chosen_by_config:  # one plain process; it inherits CUDA_VISIBLE_DEVICES as is
         extra = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(port)}
         return [sys.executable, "-m", "trainer", "--run-dir", str(run_dir)], extra
-    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(port), "--module", "trainer", "--run-dir", str(run_dir)]
-    return argv, {}
+    world = local_world(cfg, environ, on_gpu, gpu_count)
+    return launch_command(world, 0, "127.0.0.1", port, run_dir), {}
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
@@ -81,10 +92,12 @@ def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
         raise ModelSourceError(str(err)) from None
 
 
-def manual_commands(run_dir: Path, nproc: int) -> List[str]:
-    """Ways to start the same workers by hand, for users who bring their own launcher."""
+def manual_commands(run_dir: Path, nproc: int, devices: List[str] | None = None) -> List[str]:
+    """Ways to start the same workers by hand, for users who bring their own launcher. `devices`: the
+    deepspeed launcher's device flags (default --num_gpus NPROC)."""
     d = shlex.quote(str(run_dir))
-    return [f"deepspeed --num_gpus {nproc} --module trainer --run-dir {d}",
+    flags = shlex.join(devices or ["--num_gpus", str(nproc)])
+    return [f"deepspeed {flags} --module trainer --run-dir {d}",
             f"torchrun --nproc_per_node {nproc} -m trainer --run-dir {d}",
             f"srun --ntasks-per-node {nproc} python -m trainer --run-dir {d}   # sets SLURM_PROCID etc."]
 
@@ -178,7 +191,7 @@ def _kill_job(process: subprocess.Popen) -> None:
 
 def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     port = cfg.cluster.master_port or free_port()
-    argv, extra = local_command(cfg, run_dir, port)
+    argv, extra = local_command(cfg, run_dir, port, on_gpu)
     env = {**worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node), **extra}
     if cfg.run.launch == "dry_run":
         changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
@@ -187,7 +200,8 @@ def launch_local(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         return 0
     if cfg.run.launch == "print":
         print(f"run directory written: {run_dir}\nstart the workers with one of:\n  " +
-              "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node)))
+              "\n  ".join(manual_commands(run_dir, cfg.cluster.nproc_per_node,
+                                           local_gpu_args(cfg, os.environ) if on_gpu else None)))
         return 0
     if port_is_free(port):  # no live job rendezvouses there: buffers of that port are a killed job's
         remove_shm_buffers(port)

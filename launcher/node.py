@@ -10,7 +10,8 @@ Two callers:
     cluster.node_rank, calls `start_node` directly.
 
 For one rank per node the rank is a plain `python -m trainer` with RANK/WORLD_SIZE set; for more,
-the `deepspeed` launcher in --no_ssh mode starts the node's ranks from a hostfile.
+DeepSpeed's per-node launcher starts the node's ranks (launcher/deepspeed_launch.py), as DeepSpeed's
+runner would in --no_ssh mode.
 """
 from __future__ import annotations
 
@@ -18,9 +19,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from launcher.compose import has_cuda
+from launcher.deepspeed_launch import launch_command
+from launcher.devices import VISIBLE, node_world, visible_entries, visible_gpus
+from launcher.devices import read_hostfile  # noqa: F401  moved to launcher/devices.py; still importable here
 from launcher.local import prepare_model_source, run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
@@ -28,47 +32,23 @@ from trainer.run_dir import RunDir
 from trainer.control import NODE_ENV, node_identity
 
 
-def write_hostfile(path: Path, hosts: Sequence[str], slots: int) -> Path:
-    """A DeepSpeed hostfile: one `host slots=N` line per node, in node-rank order."""
-    path.write_text("".join(f"{host} slots={slots}\n" for host in hosts))
-    return path
-
-
-def read_hostfile(path: str) -> List[Tuple[str, int]]:
-    """`host slots=N` lines (comments and blank lines skipped); errors name the file and line."""
-    hosts = []
-    for number, line in enumerate(Path(path).expanduser().read_text().splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
-            raise SystemExit(f"{path}:{number}: {line!r} is not 'HOST slots=N'")
-        hosts.append((parts[0], int(parts[1][6:])))
-    if not hosts:
-        raise SystemExit(f"{path}: no hosts; write one 'HOST slots=N' line per node")
-    return hosts
-
-
 def node_command(cfg: RootConfig, run_dir: Path, node_rank: int, hosts: Sequence[str], addr: str, port: int,
-                 use_deepspeed: bool) -> Tuple[List[str], Dict[str, str]]:
-    """The command that starts this node's ranks, and the rendezvous environment it needs."""
+                 use_deepspeed: bool, visible: Optional[List[int]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """The command that starts this node's ranks, and the rendezvous environment it needs. `visible`: this
+    node's CUDA_VISIBLE_DEVICES on a GPU run (the ranks use those GPUs; launcher/devices.py)."""
     nproc, nnodes = cfg.cluster.nproc_per_node, len(hosts)
     rendezvous = {"MASTER_ADDR": addr, "MASTER_PORT": str(port)}
     if not use_deepspeed:  # one rank on this node: no launcher process in between
         return ([sys.executable, "-m", "trainer", "--run-dir", str(run_dir)],
                 {**rendezvous, "RANK": str(node_rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(nnodes)})
-    hostfile = write_hostfile(RunDir(run_dir).hostfile(node_rank), hosts, nproc)
-    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
-            "--node_rank", str(node_rank), "--master_addr", addr, "--master_port", str(port),
-            "--module", "trainer", "--run-dir", str(run_dir)]
-    return argv, {}
+    return launch_command(node_world(hosts, node_rank, nproc, visible), node_rank, addr, port, run_dir), {}
 
 
 def start_node(cfg: RootConfig, run_dir: Path, on_gpu: bool, node_rank: int, hosts: Sequence[str], addr: str,
                port: int, use_deepspeed: bool) -> int:
     """Run this node's ranks to the end; a signal to us becomes a checkpoint-and-stop request."""
-    argv, extra = node_command(cfg, run_dir, node_rank, hosts, addr, port, use_deepspeed)
+    visible = node_gpus(cfg, on_gpu)
+    argv, extra = node_command(cfg, run_dir, node_rank, hosts, addr, port, use_deepspeed, visible)
     env = {**worker_env(cfg, on_gpu, cfg.cluster.nproc_per_node), **extra,
            NODE_ENV: node_identity(addr, port, node_rank)}
     # Ranks must not mistake the launcher task's own Slurm ids for theirs.
@@ -77,6 +57,27 @@ def start_node(cfg: RootConfig, run_dir: Path, on_gpu: bool, node_rank: int, hos
     print(f"[shardtune] node {node_rank}/{len(hosts)} ({os.uname().nodename}): {cfg.cluster.nproc_per_node} "
           f"rank(s), rendezvous {addr}:{port}", file=sys.stderr, flush=True)
     return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
+
+
+def node_gpus(cfg: RootConfig, on_gpu: bool, environ=os.environ) -> Optional[List[int]]:
+    """This node's CUDA_VISIBLE_DEVICES on a GPU run (Slurm sets it from the job's GPUs), checked against the
+    node's ranks before any starts; None on CPU or when unset."""
+    entries = visible_entries(environ) if on_gpu else None
+    if not entries:
+        return None
+    if len(entries) != cfg.cluster.nproc_per_node:
+        raise SystemExit(f"[shardtune] node: {VISIBLE}={','.join(entries)} gives {len(entries)} GPU(s) but "
+                         f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} (one rank per GPU): ask for "
+                         f"{cfg.cluster.nproc_per_node} GPU(s) per node (cluster.slurm.gpus_per_node) or set "
+                         f"cluster.nproc_per_node={len(entries)}")
+    try:
+        return visible_gpus(environ)
+    except ValueError:
+        # UUIDs (some Slurm sites, MIG): --include cannot name them. As before, the ranks take the job's GPUs
+        # 0..N-1 as this node numbers them, which are the job's own where Slurm confines its devices.
+        print(f"[shardtune] node: {VISIBLE}={environ[VISIBLE]} holds no GPU indices; ranks use GPUs 0-"
+              f"{len(entries) - 1} as this node numbers them", file=sys.stderr, flush=True)
+        return None
 
 
 def slurm_rendezvous(cfg: RootConfig, env=os.environ) -> Tuple[int, List[str], str, int]:

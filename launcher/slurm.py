@@ -16,11 +16,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import List, Optional
 
 from launcher.resources import CODE_ROOT, bundled_path
 from trainer.config import RootConfig
 from trainer.run_dir import RunDir
 
+
+
+# Set by a sweep (launcher/app.py) while Hydra runs its trials: the trials' run directories, in order,
+# whose scripts were written but not submitted. None: not collecting (a single run submits its own).
+sweep_trials: Optional[List[Path]] = None
 
 
 def template_path(cfg: RootConfig) -> Path:
@@ -54,7 +60,7 @@ def render_script(cfg: RootConfig, run_dir: Path) -> str:
     env.filters["quote"] = lambda value: shlex.quote(str(value))
     template = env.from_string(source.read_text())
     return template.render(
-        template=source, run_dir=run_dir, repo=CODE_ROOT, python=slurm.python or sys.executable,
+        template=source, run_dir=run_dir, logs_dir=RunDir(run_dir).logs, repo=CODE_ROOT, python=slurm.python or sys.executable,
         job_name=slurm.job_name or cfg.run.name, nnodes=cfg.cluster.nnodes, time=slurm.time,
         signal_seconds=slurm.signal_seconds, max_requeues=slurm.max_requeues, cpus_per_task=cpus_per_task,
         gpus_per_node=slurm.gpus_per_node, mem=mem, partition=slurm.partition, account=slurm.account,
@@ -90,7 +96,7 @@ def submit(script: Path, run_dir: Path) -> str:
 
 def follow_hint(job_id: str, run_dir: Path) -> str:
     return (f"[shardtune] submitted Slurm job {job_id} for {run_dir}\n"
-            f"  follow:  squeue -j {job_id}    tail -f {run_dir}/slurm-{job_id}.out    "
+            f"  follow:  squeue -j {job_id}    tail -f {RunDir(run_dir).slurm_output(job_id)}    "
             f"(metrics: {run_dir}/metrics.jsonl)\n"
             f"  stop:    scancel --signal=USR1 --batch {job_id}   (checkpoints, then requeues itself)\n"
             f"           shardtune stop {run_dir}   (checkpoints and ends)    scancel {job_id}   (no checkpoint)")
@@ -156,10 +162,8 @@ def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
         return 0
     if cfg.cluster.slurm.preflight and not preflight_fits(cfg, on_gpu):
         return 3
-    from launcher import slurm_array
-
-    if slurm_array.pending is not None:  # a sweep: submitted with the other trials as one array
-        slurm_array.pending.append(run_dir)
+    if sweep_trials is not None:  # a sweep: submitted with the other trials as one array (launcher/slurm_array.py)
+        sweep_trials.append(run_dir)
         print(f"[shardtune] wrote {script}; the sweep submits it with the other trials as one job array", flush=True)
         return 0
     job_id = submit(script, run_dir)

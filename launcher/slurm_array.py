@@ -14,13 +14,10 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
+from launcher.slurm import sbatch
 from trainer.run_dir import RunDir
-
-# Set by the sweep (launcher/app.py) while Hydra runs its trials: the trials' run directories, in
-# order, whose scripts were written but not submitted. None: not collecting (a single run submits).
-pending: Optional[List[Path]] = None
 
 # #SBATCH options that are the trial's own, not a resource request shared by the array.
 PER_TRIAL = ("--job-name=", "--output=")
@@ -66,8 +63,6 @@ def groups(trials: List[Path]) -> Dict[Tuple[str, ...], List[Path]]:
 def submit_sweep(trials: List[Path], parallelism: int) -> List[str]:
     """Submit the sweep's trials as job arrays; record each trial's task id (`<array>_<i>`) in its run
     directory and trial record. Returns the arrays' job ids."""
-    from launcher.slurm import sbatch
-
     sweep_dir = trials[0].parent
     array_ids = []
     for number, (shared, members) in enumerate(groups(trials).items()):

@@ -103,7 +103,7 @@ def test_print_mode_writes_run_dir_and_prints_manual_commands(tmp_path):
     for name in ("config.yaml", "ds_config.json", "env.json"):
         assert (run_dir / name).is_file()
     dry = shardtune("train", f"run.dir={run_dir}", "run.launch=dry_run", check=True, timeout=120).stdout
-    assert "deepspeed.launcher.runner --num_gpus 2" in dry and "DS_ACCELERATOR=cpu" in dry
+    assert "-m launcher.deepspeed_launch --world_info=" in dry and "DS_ACCELERATOR=cpu" in dry
 
 
 def test_ds_config_is_derived_from_the_config():

@@ -26,7 +26,7 @@ def locked(variant: str) -> dict:
 def declared() -> list:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [Requirement(r) for r in project["dependencies"] + extras["test"] + extras["gguf"] + extras["sweeps"]]
+    return [Requirement(r) for r in project["dependencies"] + [r for extra in extras.values() for r in extra]]
 
 
 @pytest.mark.parametrize("variant", LOCKS)
@@ -60,7 +60,8 @@ def test_every_third_party_import_is_declared():
                 modules |= {alias.name.split(".")[0] for alias in node.names}
 
     third_party = {m for m in modules if m not in sys.stdlib_module_names and m not in ("launcher", "trainer")}
-    import_names = {"yaml": "pyyaml", "hydra": "hydra-core", "huggingface_hub": "huggingface-hub"}
+    import_names = {"yaml": "pyyaml", "hydra": "hydra-core", "huggingface_hub": "huggingface-hub",
+                    "mlflow": "mlflow-skinny"}
     names = {r.name.lower() for r in declared()}
     missing = {m for m in third_party if import_names.get(m, m).replace("_", "-") not in names}
     assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"

@@ -142,11 +142,24 @@ def run_method(tmp_path: Path, method: str, stage: int, *extra: str) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    """run(method, stage): one 2-step run per method and stage for the whole module (a live export and a
+    final checkpoint), shared by the live-export and the offline-export tests."""
+    root, runs = tmp_path_factory.mktemp("methods"), {}
+
+    def run(method: str, stage: int) -> Path:
+        if (method, stage) not in runs:
+            runs[method, stage] = run_method(root, method, stage)
+        return runs[method, stage]
+    return run
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("method", METHODS)
-def test_method_trains_and_final_export_reloads_with_same_logits(tmp_path, method, stage):
-    run_dir = run_method(tmp_path, method, stage, "checkpoint.save_final=false")  # the live export only
+def test_method_trains_and_final_export_reloads_with_same_logits(method_runs, method, stage):
+    run_dir = method_runs(method, stage)
     facts = load_and_compare(run_dir / "export", run_dir / "export_probe.pt")
     assert facts["max_diff"] < TOLERANCE, facts
     if method != "none":
@@ -156,9 +169,9 @@ def test_method_trains_and_final_export_reloads_with_same_logits(tmp_path, metho
 
 
 @pytest.mark.distributed
-def test_offline_export_adapter_merge_and_sharded_full_model(tmp_path):
+def test_offline_export_adapter_merge_and_sharded_full_model(method_runs, tmp_path):
     """`shardtune export` from ZeRO-3 checkpoints: adapter, merged model, and a sharded full model."""
-    lora = run_method(tmp_path, "lora", 3)
+    lora = method_runs("lora", 3)
     probe = lora / "export_probe.pt"
     proc = shardtune("export", str(lora), "--out", str(tmp_path / "adapter"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -173,7 +186,7 @@ def test_offline_export_adapter_merge_and_sharded_full_model(tmp_path):
     missing = shardtune("export", str(lora), "--step", "7", "--out", str(tmp_path / "x"))
     assert missing.returncode != 0 and "committed steps: 2" in missing.stdout
 
-    full = run_method(tmp_path, "none", 3)
+    full = method_runs("none", 3)
     proc = shardtune("export", str(full), "--max-shard-size", "1MB", "--out", str(tmp_path / "full"), timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert len(list((tmp_path / "full").glob("model-*-of-*.safetensors"))) >= 2  # streamed into shards

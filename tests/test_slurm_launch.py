@@ -5,6 +5,7 @@ import pytest
 
 from helpers import shardtune
 from launcher.compose import compose
+from launcher.deepspeed_launch import decode_world
 from launcher.node import node_command, read_hostfile
 from launcher.slurm import in_allocation, render_script
 from trainer.validate import ConfigError
@@ -58,8 +59,8 @@ def test_hostfile_lines_and_node_commands(tmp_path):
     cfg = compose(["cluster=hostfile", "cluster.no_ssh=true", "cluster.master_port=29500",
                    "cluster.nproc_per_node=2", f"run.dir={tmp_path}"])
     argv, env = node_command(cfg, tmp_path, 1, ["a", "b"], "10.0.0.1", 29500, use_deepspeed=True)
-    assert argv[argv.index("--node_rank") + 1] == "1" and "--no_ssh" in argv and env == {}
-    assert (tmp_path / "hostfile.node1").read_text() == "a slots=2\nb slots=2\n"
+    assert "--node_rank=1" in argv and "--master_addr=10.0.0.1" in argv and env == {}
+    assert decode_world(argv) == {"a": [0, 1], "b": [0, 1]}  # DeepSpeed's per-node launcher places the ranks
     argv, env = node_command(cfg, tmp_path, 1, ["a", "b"], "10.0.0.1", 29500, use_deepspeed=False)
     assert env == {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "RANK": "1", "LOCAL_RANK": "0",
                    "WORLD_SIZE": "2"}

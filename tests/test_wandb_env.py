@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import wandb_records  # test-only reader of W&B's offline files
 from helpers import REPO, train
 from helpers import subprocess_env as child_env  # renamed: pytest would collect subprocess_env
-from trainer import wandb_history
 from trainer.metrics import wandb_mode
 from trainer.run_dir import RunDir
 
@@ -60,14 +60,14 @@ def launch(tmp_path: Path, logger: dict, env: dict) -> tuple[str, dict, dict]:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    (log,) = wandb_history.run_files(run_dir / "wandb", run_id)
+    (log,) = wandb_records.run_files(run_dir / "wandb", run_id)
     return output, run_record(log), json.loads(RunDir(run_dir).wandb_run.read_text())
 
 
 def run_record(path: Path) -> dict:
     from wandb.proto import wandb_internal_pb2
 
-    for raw in wandb_history.raw_records(path):
+    for raw in wandb_records.raw_records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "run":
@@ -132,3 +132,48 @@ def test_a_training_run_on_two_ranks_follows_the_environment(tmp_path):
     where = json.loads(RunDir(tmp_path).wandb_run.read_text())
     assert where["mode"] == "offline" and where["project"] == "env-project"
     assert proc.stdout.count("W&B offline run in") == 1 and where["sync_command"] in proc.stdout
+
+
+# Launch FIRST..LAST of one run through the real WandbSink, as build_sinks does after JsonlSink left
+# metrics.jsonl with the steps up to the checkpoint; "kill" SIGKILLs its session before run.finish().
+STEPS = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from trainer.config import RootConfig
+    from trainer.metrics import WandbSink
+
+    run_dir, first, last, end = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    cfg = RootConfig()
+    cfg.run.name, cfg.logger.mode = "r", "offline"
+    sink = WandbSink(cfg, {}, run_dir)
+    for step in range(first, last + 1):
+        sink.log({"kind": "train", "step": step, "loss": 10.0 - step})
+    if end == "kill":
+        os.killpg(0, signal.SIGKILL)  # kill -9 of the job, wandb-core included: W&B never confirms these steps
+    sink.close()
+""")
+
+
+def steps_launch(run_dir: Path, first: int, last: int, end: str, checkpoint: int) -> None:
+    rows = [{"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, checkpoint + 1)]
+    RunDir(run_dir).metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))  # as JsonlSink leaves it
+    proc = subprocess.run([sys.executable, "-c", STEPS, str(run_dir), str(first), str(last), end], cwd=REPO,
+                          env=child_env({"WANDB_MODE": "offline"}), capture_output=True, text=True, timeout=180,
+                          start_new_session=True)  # a session of its own: the "kill" ends it whole
+    assert proc.returncode == (-9 if end == "kill" else 0), proc.stdout + proc.stderr
+
+
+def test_a_launch_that_never_finished_is_set_aside_and_its_steps_logged_again_once(tmp_path):
+    """Launch 1 finishes steps 1-3; launch 2 logs 4-6 and is killed; launch 3 resumes from the
+    checkpoint of step 5: the uploaded folders hold 1-8 once (4-5 from metrics.jsonl, 6-8 trained)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    steps_launch(run_dir, 1, 3, "finish", checkpoint=0)
+    steps_launch(run_dir, 4, 6, "kill", checkpoint=3)
+    assert json.loads(RunDir(run_dir).wandb_steps.read_text())["step"] == 3
+    steps_launch(run_dir, 6, 8, "finish", checkpoint=5)
+    run_id = RunDir(run_dir).wandb_run_id.read_text().strip()
+    (aside,) = RunDir(run_dir).wandb.glob(f"interrupted-offline-run-*-{run_id}")
+    assert len(wandb_records.run_files(RunDir(run_dir).wandb, run_id)) == 2
+    assert wandb_records.run_history_steps(RunDir(run_dir).wandb, run_id) == list(range(1, 9))
+    assert json.loads(RunDir(run_dir).wandb_steps.read_text()) == {"run_id": run_id, "step": 8, "open_launch": None}

@@ -108,6 +108,12 @@ class DeepSpeedConfig:
     zero_quantized_weights: bool = False  # ZeRO++ qwZ
     zero_quantized_gradients: bool = False  # ZeRO++ qgZ
     extra: Dict[str, Any] = field(default_factory=dict)  # merged last into ds_config.json
+    # Your own DeepSpeed JSON (HF Trainer's `--deepspeed ds_z3.json`), relative to the directory you launch
+    # from: the base of ds_config.json, its "auto" values filled from this config (rules: trainer/ds_config.py)
+    config_file: Optional[str] = None
+    # Written by the launcher, not by you: config_file's JSON as read at launch, kept in config.yaml so that
+    # the ranks and every requeue use this copy and never read your file again
+    config_file_content: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -209,6 +215,10 @@ class ClusterConfig:
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
     heartbeat_timeout_s: int = 120  # a rank silent this long is named as hung and the job ends
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
+    # GPUs to use, in DeepSpeed's --include/--exclude syntax ("localhost:2,3", "node1:0,1@node2"): GPU runs
+    # of cluster=local and cluster=hostfile over ssh; CUDA_VISIBLE_DEVICES and hostfile slots= need none
+    include: Optional[str] = None
+    exclude: Optional[str] = None  # the GPUs not to use, same syntax; not with include
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
@@ -219,14 +229,26 @@ class ClusterConfig:
 
 @dataclass
 class LoggerConfig:
-    """W&B's own environment (WANDB_MODE, WANDB_PROJECT, ...) applies to every value left unset (None);
-    a value set here wins over it (trainer/metrics.py WandbSink)."""
-    backend: str = "none"  # wandb | none
+    """Where metrics go besides metrics.jsonl: `backends` (`logger=wandb|tensorboard|mlflow` sets one,
+    `logger.backends=[wandb,tensorboard,mlflow]` several). A tracker's own environment (WANDB_MODE,
+    WANDB_PROJECT, ..., MLFLOW_TRACKING_URI) applies to every value left unset (None); a value set
+    here wins over it (trainer/metrics.py)."""
+    backends: List[str] = field(default_factory=list)  # each one of: wandb | tensorboard | mlflow
+    backend: str = "none"  # wandb | none: one tracker, as before `backends`; added to them when not none
     mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online if logged in, else offline
-    project: Optional[str] = None  # None: WANDB_PROJECT, else "shardtune"
+    project: Optional[str] = None  # W&B project, MLflow experiment; None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "shardtune"
+    # MLflow: None: MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
+    mlflow_tracking_uri: Optional[str] = None
+    mlflow_log_model: bool = True  # MLflow: the run's export/ folder as an artifact at the end
     entity: Optional[str] = None  # None: WANDB_ENTITY, else the account's default entity
     group: Optional[str] = None  # None: WANDB_RUN_GROUP (a sweep sets its own)
     tags: List[str] = field(default_factory=list)  # empty: WANDB_TAGS (comma-separated)
+
+    @property
+    def trackers(self) -> List[str]:
+        """The trackers on, each once, in order: `backends`, then `backend` unless it is none."""
+        named = [*self.backends, *([self.backend] if self.backend != "none" else [])]
+        return list(dict.fromkeys(named))
 
 
 @dataclass

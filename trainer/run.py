@@ -21,6 +21,7 @@ from trainer.config import RootConfig, load_run_config
 from trainer.control import EXIT_FAILED, Heartbeat, StopRequest, control_dir, describe_stragglers, record_exit
 from trainer.distributed import DistInfo, init_distributed, shutdown
 from trainer.faults import Faults
+from trainer.output_log import tee_rank_output
 from trainer.run_dir import RunDir
 
 
@@ -162,6 +163,7 @@ def main(run_dir: str) -> int:
     cfg = load_run_config(run_dir)
     seed_everything(cfg.seed, cfg.train.deterministic)
     info = init_distributed(cfg.cluster.device, cfg.cluster.timeout_s)
+    tee_rank_output(RunDir(run_dir).rank_log(info.rank))  # logs/rank-<N>.log: the failed rank's last lines
     from trainer.loop import train
 
     try:

@@ -15,7 +15,10 @@ stop` import it without loading the worker's dependencies.
                        decision of what the ranks resume from), launch.lock
     generations.jsonl  the evaluation's generations; timing/, profile/: step-time breakdowns
     export/            the model or adapter written at the end of the run; export.json says what
-    wandb/, wandb_run_id   the W&B run (offline files) and its id, kept across resumes
+    wandb/, wandb_run_id   the W&B run (offline files) and its id, kept across resumes; wandb_steps.json:
+                       the last step W&B confirmed (a finished launch), so a resume logs no step twice
+    tensorboard/       TensorBoard event files; mlruns/, mlflow_run_id: the default MLflow store and run id
+    logs/              launcher.log (what the launcher printed), rank-<N>.log (each rank's output, bounded)
     report/, report.html, report.md   `shardtune report`
     job.sbatch, slurm_job_id, slurm_jobs.jsonl, slurm_submissions.jsonl, hostfile.node<N>,
     deepspeed_env      Slurm and multi-node launches
@@ -88,6 +91,44 @@ class RunDir:
     def wandb_run_id(self) -> Path:
         """The W&B run id, so that a resumed or requeued launch continues the same W&B run."""
         return self.path / "wandb_run_id"
+
+    @property
+    def wandb_steps(self) -> Path:
+        """Our own record of the W&B run's steps: the last one a finished launch handed to W&B, and the
+        offline folder of a launch still open (one that never finished was interrupted)."""
+        return self.path / "wandb_steps.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def mlflow_store(self) -> Path:
+        """The MLflow file store used when neither logger.mlflow_tracking_uri nor MLFLOW_TRACKING_URI names one."""
+        return self.path / "mlruns"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        """The MLflow run id, so that a resumed launch continues the same MLflow run."""
+        return self.path / "mlflow_run_id"
+
+    # ------------------------------------------------------------ logs: what was printed
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def launcher_log(self, node_rank: int = 0) -> Path:
+        """What a launcher printed, every launch appended: launcher.log, or launcher-node<N>.log for the
+        launcher of node N > 0 of a run without ssh (the nodes share run.dir)."""
+        return self.logs / ("launcher.log" if node_rank == 0 else f"launcher-node{node_rank}.log")
+
+    def rank_log(self, rank: int) -> Path:
+        """Rank `rank`'s stdout and stderr, every launch appended (rank-<N>.log; .1: the part before)."""
+        return self.logs / f"rank-{rank}.log"
+
+    def slurm_output(self, job_id: str) -> Path:
+        """The batch job's output (sbatch --output in slurm/job.sbatch.j2); requeues append to it."""
+        return self.path / f"slurm-{job_id}.out"
 
     @property
     def checkpoints(self) -> Path:
@@ -173,9 +214,6 @@ class RunDir:
     def deepspeed_env(self) -> Path:
         """The environment DeepSpeed's multi-node runner exports on every host (DS_ENV_FILE)."""
         return self.path / "deepspeed_env"
-
-    def hostfile(self, node_rank: int) -> Path:
-        return self.path / f"hostfile.node{node_rank}"
 
     # ------------------------------------------------------------ readers and writers
     def is_run(self) -> bool:

@@ -51,6 +51,22 @@ def _check_choices(cfg: RootConfig, problems: List[str]) -> None:
             problems.append(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
 
 
+TRACKERS = ("wandb", "tensorboard", "mlflow")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # optional: shardtune[trackers]
+
+
+def _check_trackers(cfg: RootConfig, problems: List[str]) -> None:
+    import importlib.util
+
+    for tracker in cfg.logger.trackers:
+        if tracker not in TRACKERS:
+            problems.append(f"logger.backends: {tracker!r} is not a tracker; choose from {', '.join(TRACKERS)} "
+                            "(several at once: logger.backends=[wandb,tensorboard,mlflow])")
+        elif tracker in TRACKER_PACKAGES and importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            problems.append(f"logger.backends: {tracker} needs the {TRACKER_PACKAGES[tracker]} package, which is "
+                            "not installed: pip install 'shardtune[trackers]'")
+
+
 def _check_positive(cfg: RootConfig, problems: List[str]) -> None:
     for key in ("train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.log_every",
                 "data.max_seq_len", "cluster.nnodes", "cluster.nproc_per_node", "cluster.timeout_s",
@@ -121,6 +137,7 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
     if cfg.peft.quantize_4bit:  # on CPU and GPU alike: the workers would fail only after loading the base model
         problems.append("peft.quantize_4bit=true (QLoRA, a 4-bit base model) is not implemented yet, on CPU or "
                         "GPU; use peft=lora (LoRA on the unquantized base model) and leave peft.quantize_4bit=false")
+    problems.extend(_device_problems(cfg, on_gpu))
     if on_gpu:
         _check_gpu_count(cfg, problems)
         return
@@ -135,10 +152,26 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
         problems.append("optim.name=fused_adam needs a CUDA GPU; use optim.name=adamw on CPU")
 
 
+def _device_problems(cfg: RootConfig, on_gpu: bool) -> List[str]:
+    """The GPUs the user chose (CUDA_VISIBLE_DEVICES, hostfile slots=, cluster.include/exclude) against the
+    ranks asked for: launcher/devices.py."""
+    from launcher.devices import device_problems  # validation runs in the launcher only
+
+    if not on_gpu:
+        return device_problems(cfg, os.environ, on_gpu, 0)
+    import torch
+
+    return device_problems(cfg, os.environ, on_gpu, torch.cuda.device_count())
+
+
 def _check_gpu_count(cfg: RootConfig, problems: List[str]) -> None:
     """cluster=local puts one rank on each GPU of this machine: no more ranks than GPUs."""
     import torch
 
+    from launcher.devices import restricts_devices  # chosen GPUs are counted by _device_problems
+
+    if restricts_devices(cfg, os.environ):
+        return
     gpus = torch.cuda.device_count()
     if cfg.cluster.backend == "local" and gpus and cfg.cluster.nproc_per_node > gpus:
         problems.append(f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has {gpus} visible "
@@ -305,13 +338,45 @@ def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
             problems.append(f"cluster.hostfile={c.hostfile!r} is not a file")
 
 
+def _check_user_ds_config(cfg: RootConfig, problems: List[str], has_cuda: bool, check_files: bool) -> None:
+    """deepspeed.config_file: read into the config (with the file's DeepSpeed-owned values, so that the checks
+    after this one judge the stage that will run), then its conflicts with the config (trainer/ds_config.py)."""
+    from trainer.ds_config import adopt_user_ds_config, job_on_gpu, user_ds_config_problems
+
+    if not cfg.deepspeed.config_file:
+        return
+    try:
+        problems.extend(adopt_user_ds_config(cfg, lambda: _model_hidden_size(cfg) if check_files else None))
+    except ConfigError as err:  # no such file, not JSON
+        problems.extend(err.problems)
+        return
+    problems.extend(user_ds_config_problems(cfg, cfg.cluster.world_size, job_on_gpu(cfg, has_cuda)))
+
+
+def _model_hidden_size(cfg: RootConfig) -> int | None:
+    """The model's hidden size, read as HF Trainer reads it, when its config.json is at hand before launch."""
+    import json
+
+    folder = None if _model_source_problem(cfg) else _config_folder(cfg)
+    if folder is None:
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    for node in (config, config.get("text_config") or {}):
+        if node.get("hidden_size") or node.get("hidden_sizes"):
+            return int(node.get("hidden_size") or max(node["hidden_sizes"]))
+    return None
+
+
 def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = True) -> RootConfig:
-    """Raise ConfigError listing every problem with `cfg`; return it unchanged when valid."""
+    """Raise ConfigError listing every problem with `cfg`; return it when valid, unchanged but for
+    deepspeed.config_file, which is read into it (trainer/ds_config.py `adopt_user_ds_config`)."""
     if has_cuda is None:
         import torch
         has_cuda = torch.cuda.is_available()
     problems: List[str] = []
+    _check_user_ds_config(cfg, problems, has_cuda, check_files)  # first: it may set deepspeed.* from the file
     _check_choices(cfg, problems)
+    _check_trackers(cfg, problems)
     _check_positive(cfg, problems)
     _check_batch(cfg, problems)
     _check_deepspeed(cfg, problems)

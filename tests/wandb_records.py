@@ -1,14 +1,12 @@
-"""Read W&B's local transaction log (`run-<id>.wandb`): which steps a run really holds.
+"""Test-only: read back what wandb wrote to an offline run's transaction log (`run-<id>.wandb`).
 
-wandb 0.31 ships no Python reader for these files (`wandb.sdk.internal.datastore` is gone; the
-writer lives in the Go `wandb-core`), so this is a small reader of the format, which is LevelDB's
-log format behind a 7-byte header: 32 KiB blocks of chunks, each chunk a 7-byte header (crc32,
-length, type) and a piece of one serialized `wandb_internal_pb2.Record`.
-
-A resumed run needs it because wandb-core writes the log in buffered flushes (every
-`x_transaction_log_flush_interval`, 15 s by default): a launch that was killed may have handed
-steps to `run.log` that never reached the file. Only steps that are in a file count as logged, so
-a resumed run logs the rest again, and no step twice.
+shardtune itself never reads W&B's files (trainer/metrics.py WandbSink keeps its own record of the
+steps W&B confirmed); the tests do, to check what W&B really holds. wandb ships no Python reader for
+these files (the writer lives in the Go `wandb-core`), so this is a small reader of the format:
+LevelDB's log format behind a 7-byte header, 32 KiB blocks of chunks, each chunk a 7-byte header
+(crc32, length, type) and a piece of one serialized `wandb_internal_pb2.Record`. A file that is not
+in this format is refused with a ValueError naming it, so a wandb that changes it fails these tests
+loudly, never shardtune.
 """
 from __future__ import annotations
 
@@ -70,16 +68,12 @@ def history_steps(path: Path) -> List[int]:
 
 
 def run_files(wandb_dir: Path, run_id: str) -> List[Path]:
-    """Every launch's transaction log of run `run_id` under a `wandb/` folder, oldest launch first."""
-    pattern = f"*-{run_id}/run-{run_id}.wandb"
+    """The transaction log of every offline launch of run `run_id` that `wandb sync` uploads (the
+    sync command in wandb_run.json), oldest launch first; an `interrupted-...` folder is left out."""
+    pattern = f"offline-run-*-{run_id}/run-{run_id}.wandb"
     return sorted(p for p in Path(wandb_dir).glob(pattern) if not p.parent.is_symlink())
 
 
 def run_history_steps(wandb_dir: Path, run_id: str) -> List[int]:
-    """History steps of run `run_id` over all its launches, in the order they were written."""
+    """History steps of run `run_id` over all its uploaded launches, in the order they were written."""
     return [step for path in run_files(wandb_dir, run_id) for step in history_steps(path)]
-
-
-def last_logged_step(wandb_dir: Path, run_id: str) -> int:
-    """The highest step run `run_id` holds on disk, or -1."""
-    return max(run_history_steps(wandb_dir, run_id), default=-1)
