@@ -1,5 +1,9 @@
 """`shardtune data preview <overrides>`: the samples as the model will see them, and statistics.
 
+With a preference objective (objective=dpo|simpo|kto) a row is shown as its two sequences: a pair's
+chosen and rejected answers after their shared prompt (KTO: the answer, marked desirable or not,
+and the mismatched answer that estimates the KL reference point), with the pair statistics.
+
 Composes the config exactly as `shardtune train` would (launcher.compose.compose), prepares the data
 through the same cached pipeline the workers use (a later run then hits the cache), and prints
 a few rows with trained tokens marked: green on a terminal, [[like this]] otherwise.
@@ -45,7 +49,40 @@ def render_row(tokenizer, row: dict, color: bool) -> str:
     return "".join(pieces)
 
 
+PAIR_STATS = ("rows", "pairs", "examples", "desirable", "undesirable", "tokens", "trained_tokens",
+              "chosen_answer_tokens_mean", "rejected_answer_tokens_mean", "chosen_longer_share", "prompt_cut",
+              "answer_cut", "skipped", "cache_hits", "cache_misses")
+
+
+def print_preference_row(tokenizer, dataset, index: int, color: bool, legend: str) -> None:
+    row = dataset[index]
+    names = (("chosen", "rejected") if dataset.kind == "preference"
+             else ("answer (" + ("desirable" if row["desirable"] else "undesirable") + ")",
+                   "mismatched answer for the KL reference point (not trained)"))
+    print(f"== row {index}: one forward pass of 2 sequences ({legend}) ==")
+    for name, sequence in zip(names, row["sequences"]):
+        trained = sum(1 for label in sequence["labels"] if label != -100)
+        print(f"-- {name}: {len(sequence['input_ids'])} tokens, {trained} in the answer --")
+        print(render_row(tokenizer, sequence, color))
+
+
+def print_preference_stats(name: str, dataset) -> None:
+    stats = dataset.stats()
+    print(f"== {name} statistics ({stats['kind']}) ==")
+    for key in PAIR_STATS:
+        if key in stats:
+            value = stats[key]
+            print(f"  {key:<28} {value:.2f}" if isinstance(value, float) else f"  {key:<28} {value}")
+    print("  length histogram (tokens of the longer sequence of a row):")
+    top = max(stats["length_histogram"].values()) or 1
+    for edge, count in stats["length_histogram"].items():
+        print(f"    {edge:>8} {count:>8} {'#' * int(40 * count / top)}")
+
+
 def print_stats(name: str, dataset) -> None:
+    if hasattr(dataset, "kind"):  # preference rows
+        print_preference_stats(name, dataset)
+        return
     stats = dataset.stats()
     print(f"== {name} statistics ==")
     for key in ("rows", "documents", "tokens", "trained_tokens", "truncated", "dropped", "skipped",
@@ -74,14 +111,14 @@ def preview(argv: List[str]) -> int:
     add_config_dir_option(parser)
     args, overrides = parser.parse_known_args(argv)
     from trainer.config import ConfigError
-    from trainer.data import build_datasets
     from trainer.data.errors import DataError
     from trainer.model import build_tokenizer
+    from trainer.objectives import build_datasets
 
     try:
         cfg = compose(overrides, validate_files=True, config_dirs=args.config_dirs)
         tokenizer = build_tokenizer(cfg.model)
-        train, evaluation = build_datasets(cfg.data, tokenizer, log=lambda m: print(m, file=sys.stderr))
+        train, evaluation = build_datasets(cfg, tokenizer, log=lambda m: print(m, file=sys.stderr))
     except (ConfigError, DataError) as err:
         print(f"shardtune data: {err}", file=sys.stderr)
         return 2
@@ -95,6 +132,9 @@ def preview(argv: List[str]) -> int:
     color = sys.stdout.isatty() if args.color is None else args.color
     legend = f"{GREEN}trained{RESET} / {DIM}masked{RESET}" if color else "[[trained]] / masked"
     for index in range(min(args.n, len(dataset))):
+        if hasattr(dataset, "kind"):
+            print_preference_row(tokenizer, dataset, index, color, legend)
+            continue
         print(f"== {args.split} row {index}: {len(dataset[index]['input_ids'])} tokens, "
               f"{dataset.label_tokens(index)} trained ({legend}) ==")
         print(render_row(tokenizer, dataset[index], color))

@@ -74,6 +74,22 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What the loop minimises (trainer/objectives/): next-token SFT, or a preference objective."""
+    name: str = "sft"  # sft | dpo | simpo | kto
+    beta: float = 0.1  # dpo/kto: scale of the implicit reward; simpo: of the length-normalised log-prob
+    loss_type: str = "sigmoid"  # dpo: sigmoid (the paper's) | ipo | robust (noisy labels, with label_smoothing)
+    label_smoothing: float = 0.0  # dpo sigmoid/robust: assumed probability that a pair's labels are flipped
+    sft_weight: float = 0.0  # dpo/simpo: weight of an SFT term (mean NLL per token) on the chosen answer (RPO)
+    gamma: float = 0.5  # simpo: target reward margin
+    desirable_weight: float = 1.0  # kto: weight of desirable (label true) examples
+    undesirable_weight: float = 1.0  # kto: weight of undesirable (label false) examples
+    # auto: dpo/kto take the base model with adapters disabled (any peft method) or, for full
+    # fine-tuning, log-probs precomputed in one pass before training; simpo has none
+    reference: str = "auto"  # auto | adapters_off | precomputed | none
+
+
+@dataclass
 class PeftConfig:
     method: str = "none"  # none | lora | dora | ia3 | prefix_tuning
     r: int = 8  # LoRA/DoRA rank
@@ -265,6 +281,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

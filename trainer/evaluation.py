@@ -119,6 +119,7 @@ class Evaluator:
 
     def __call__(self, ctx, step: int) -> None:
         from trainer.loop import evaluate_loss
+        from trainer.objectives import SFT
 
         started = time.perf_counter()
         record: Dict[str, Any] = {"kind": "eval", "step": step}
@@ -126,9 +127,10 @@ class Evaluator:
             ctx.heartbeat.beat(step, "eval")
             result = evaluate_loss(ctx, ctx.eval_set)
             record.update(eval_loss=result["loss"], eval_ppl=result["ppl"], eval_tokens=result["tokens"])
+            record.update({f"eval_{k}": v for k, v in result["metrics"].items()})  # rewards/... of preference runs
         if self.general_set is not None and len(self.general_set):
             ctx.heartbeat.beat(step, "eval_general")
-            result = evaluate_loss(ctx, self.general_set)
+            result = evaluate_loss(ctx, self.general_set, SFT(ctx.cfg.model.loss_chunks))  # text, whatever the objective
             record.update(general_loss=result["loss"], general_ppl=result["ppl"], general_tokens=result["tokens"])
         if self.prompts:
             ctx.heartbeat.beat(step, "generate")
@@ -142,7 +144,13 @@ class Evaluator:
 
 def build_evaluator(cfg: RootConfig, tokenizer, log=print) -> Evaluator:
     """The evaluator for this run: the general eval set tokenized like the data, and the prompts."""
-    general = load_files(list(cfg.eval.general_files), tokenizer, cfg.data) if cfg.eval.general_files else None
+    from dataclasses import replace
+
+    from trainer.data.preference import PREFERENCE_FORMATS
+
+    # The general set is text or chat, read as SFT data even in a preference run.
+    general_data = replace(cfg.data, format="auto") if cfg.data.format in PREFERENCE_FORMATS else cfg.data
+    general = load_files(list(cfg.eval.general_files), tokenizer, general_data) if cfg.eval.general_files else None
     prompts = load_prompts(cfg)
     style = resolve_prompt_style(cfg, tokenizer)
     if general is not None or prompts:

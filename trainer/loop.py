@@ -3,8 +3,10 @@
     resume -> baseline eval -> while step < max_steps: train_step; log; maybe eval; maybe save
                                                        stop request -> save -> exit "resume me"
 
-The loss is a mean over every trained token of the global batch (not a mean of per-micro-batch
-means), so one rank with 8 samples per micro-batch and two ranks with 4 compute the same update.
+The loss is a mean over the objective's units of the global batch (not a mean of per-micro-batch
+means): every trained token for SFT, every pair or example for the preference objectives
+(trainer/objectives/), so one rank with 8 samples per micro-batch and two ranks with 4 compute the
+same update. The objective supplies the batches, the summed loss and its metrics; the loop is the same.
 """
 from __future__ import annotations
 
@@ -19,10 +21,9 @@ import torch
 from trainer import checkpoint
 from trainer.config import RootConfig
 from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
-from trainer.data import GlobalBatchSampler, TokenizedDataset, collate
+from trainer.data import GlobalBatchSampler, TokenizedDataset
 from trainer.data.collate import row_width
-from trainer.data.render import IGNORE
-from trainer.loss import sum_cross_entropy
+from trainer.objectives import SFT
 from trainer.faults import Faults
 from trainer.distributed import DistInfo, sum_across_ranks
 from trainer.profiling import StepProfiler
@@ -49,16 +50,37 @@ class TrainContext:
     on_finish: Any = None  # callable(ctx) -> None, e.g. the final export
     timer: Any = None  # trainer.timing.PhaseTimer when train.timing=true (shardtune bench)
     faults: Faults = field(default_factory=lambda: Faults({}, 0))  # train.fault_injection (tests), built once
+    objective: Any = None  # trainer.objectives: SFT (None) | Preference
 
 
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _collate(ctx: "TrainContext", samples) -> Dict[str, torch.Tensor]:
+def _objective(ctx: "TrainContext"):
+    return ctx.objective if ctx.objective is not None else SFT(ctx.cfg.model.loss_chunks)
+
+
+def _collate(ctx: "TrainContext", samples, objective=None) -> Dict[str, torch.Tensor]:
     data = ctx.cfg.data
     width = row_width(data.pad_to, data.max_seq_len, ctx.cfg.model.compile)
-    return _to_device(collate(samples, ctx.tokenizer.pad_token_id, width), ctx.info.device)
+    batch = (objective or _objective(ctx)).collate(samples, ctx.tokenizer.pad_token_id, width)
+    return _to_device(batch, ctx.info.device)
+
+
+def _add_totals(into: Dict[str, list], totals: Dict[str, tuple]) -> None:
+    for name, (value, count) in totals.items():
+        pair = into.setdefault(name, [0.0, 0.0])
+        pair[0] += value
+        pair[1] += count
+
+
+def _flat(totals: Dict[str, list]) -> list:
+    return [x for name in sorted(totals) for x in totals[name]]
+
+
+def _unflat(names, values) -> Dict[str, tuple]:
+    return {name: (values[2 * i], values[2 * i + 1]) for i, name in enumerate(sorted(names))}
 
 
 def _set_lr_to_zero(engine) -> None:
@@ -68,19 +90,23 @@ def _set_lr_to_zero(engine) -> None:
 
 def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     """One optimizer step over grad_accum micro-batches; returns what was measured."""
-    cfg, info, engine = ctx.cfg, ctx.info, ctx.engine
+    cfg, info, engine, objective = ctx.cfg, ctx.info, ctx.engine, _objective(ctx)
     started, frames_before = time.perf_counter(), compiled_frames()
-    global_tokens = sum(ctx.train_set.label_tokens(i) for i in ctx.sampler.global_indices(step))
-    scale = info.world_size * cfg.train.grad_accum / global_tokens  # undo DeepSpeed's mean over ranks and accum
-    local_sum, local_nonfinite = 0.0, False
+    step_indices = ctx.sampler.global_indices(step)
+    global_tokens = sum(ctx.train_set.label_tokens(i) for i in step_indices)
+    global_units = objective.units(ctx.train_set, step_indices)  # tokens (sft) or rows (preference)
+    scale = info.world_size * cfg.train.grad_accum / global_units  # undo DeepSpeed's mean over ranks and accum
+    local_sum, local_nonfinite, local_totals = 0.0, False, {}
     micro_batches = ctx.sampler.micro_batches(step)
     faults = ctx.faults
     faults.maybe_pause(step + 1, ctx.heartbeat, ctx.stop)
     for accum, indices in enumerate(micro_batches):
-        batch = _collate(ctx, [ctx.train_set[i] for i in indices])
+        batch = _collate(ctx, [ctx.train_set[i] for i in indices], objective)
         lap(ctx.timer, "data", batch)
         ctx.heartbeat.beat(step, "forward")
-        sum_ce = sum_cross_entropy(engine, batch, cfg.model.loss_chunks) * faults.loss_factor(step + 1)
+        sum_loss, totals = objective.micro_loss(engine, batch)
+        sum_ce = sum_loss * faults.loss_factor(step + 1)
+        _add_totals(local_totals, totals)
         finite = bool(torch.isfinite(sum_ce))
         local_nonfinite |= not finite
         local_sum += sum_ce.item() if finite else 0.0
@@ -93,8 +119,8 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         lap(ctx.timer, "backward")
         if accum == len(micro_batches) - 1:
             stop_local = ctx.stop.requested() or faults.stop_requested(step + 1)
-            total, nonfinite_any, stop_any = sum_across_ranks(
-                [local_sum, float(local_nonfinite), float(stop_local)], info.device)
+            total, nonfinite_any, stop_any, *step_totals = sum_across_ranks(
+                [local_sum, float(local_nonfinite), float(stop_local), *_flat(local_totals)], info.device)
             if nonfinite_any:
                 _set_lr_to_zero(engine)  # skip this update on every rank
             lap(ctx.timer, "loss_allreduce")
@@ -107,17 +133,20 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
         # Finite loss but inf/NaN gradients: DeepSpeed's ZeRO step saw the global (all-reduced) norm,
         # so every rank skipped the update at this same step; count it like a non-finite loss.
         nonfinite_any = True
-    result = {"loss": total / global_tokens, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
+    result = {"loss": total / global_units, "tokens": global_tokens, "nonfinite": bool(nonfinite_any),
               "stop": bool(stop_any), "grad_norm": grad_norm, "seconds": time.perf_counter() - started,
-              "compiled_frames": compiled_frames() - frames_before}
+              "compiled_frames": compiled_frames() - frames_before,
+              "objective": objective.summarise(_unflat(local_totals, step_totals))}
     if ctx.timer is not None:
         ctx.timer.step_end(step, result)
     return result
 
 
 @torch.no_grad()
-def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, float]:
-    """Exact token-averaged loss over a dataset, sharded over ranks.
+def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset, objective=None) -> Dict[str, float]:
+    """Exact loss over a dataset (averaged over the objective's units: tokens, or pairs), sharded over
+    ranks, with the objective's metrics under "metrics". `objective`: the run's unless given (the
+    general set of a preference run is text: SFT).
 
     Every rank runs the same number of forward passes (under ZeRO-3 each one gathers parameters
     collectively); a rank whose shard ran out runs a throwaway batch that counts for nothing.
@@ -127,20 +156,28 @@ def evaluate_loss(ctx: TrainContext, dataset: TokenizedDataset) -> Dict[str, flo
     per_rank = math.ceil(len(dataset) / info.world_size)
     limit = ctx.cfg.eval.max_batches
     n_batches = math.ceil(per_rank / mbs) if not limit else min(limit, math.ceil(per_rank / mbs))
+    objective = objective or _objective(ctx)
     ctx.engine.eval()
-    local_sum, local_tokens = 0.0, 0
+    local_sum, local_units, local_totals, totals = 0.0, 0, {}, {}
     for b in range(n_batches):
         ctx.heartbeat.touch()  # a long eval is not a hang
         indices = shard[b * mbs:(b + 1) * mbs]
-        batch = _collate(ctx, [dataset[i] for i in (indices or [0])])
-        sum_ce = sum_cross_entropy(ctx.engine, batch, ctx.cfg.model.loss_chunks)
+        batch = _collate(ctx, [dataset[i] for i in (indices or [0])], objective)
+        sum_loss, totals = objective.micro_loss(ctx.engine, batch, live=bool(indices))
         if indices:
-            local_sum += sum_ce.item()
-            local_tokens += int((batch["labels"][:, 1:] != IGNORE).sum())
+            local_sum += sum_loss.item()
+            local_units += objective.units(dataset, indices)
+            _add_totals(local_totals, totals)
     ctx.engine.train()
-    total, tokens = sum_across_ranks([local_sum, float(local_tokens)], info.device)
-    loss = total / max(tokens, 1.0)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens)}
+    # Every rank has the same metric names only once it ran a real batch; the objective's full set
+    # is known from any batch, so a rank that had none reports zeros under the same names.
+    names = sorted(set(local_totals) | set(totals))
+    for name in names:
+        local_totals.setdefault(name, [0.0, 0.0])
+    total, units, *summed = sum_across_ranks([local_sum, float(local_units), *_flat(local_totals)], info.device)
+    loss = total / max(units, 1.0)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(units),
+            "metrics": objective.summarise(_unflat(names, summed))}
 
 
 def default_evaluator(ctx: TrainContext, step: int) -> None:
@@ -149,7 +186,7 @@ def default_evaluator(ctx: TrainContext, step: int) -> None:
     ctx.heartbeat.beat(step, "eval")
     result = evaluate_loss(ctx, ctx.eval_set)
     ctx.sinks.log({"kind": "eval", "step": step, "eval_loss": result["loss"], "eval_ppl": result["ppl"],
-                   "eval_tokens": result["tokens"]})
+                   "eval_tokens": result["tokens"], **{f"eval_{k}": v for k, v in result["metrics"].items()}})
 
 
 def _save(ctx: TrainContext, state: TrainState) -> None:
@@ -169,7 +206,7 @@ def _train_record(state: TrainState, result: Dict[str, Any], lr: float) -> Dict[
             "lr": lr, "grad_norm": None if not math.isfinite(result["grad_norm"]) else result["grad_norm"],
             "tokens": state.tokens_seen, "step_tokens": result["tokens"],
             "tokens_per_s": result["tokens"] / result["seconds"], "step_time_s": result["seconds"],
-            "skipped": result["nonfinite"], "time": time.time()}
+            "skipped": result["nonfinite"], "time": time.time(), **result.get("objective", {})}
 
 
 def _report_recompile(ctx: TrainContext, step: int, result: Dict[str, Any]) -> None:

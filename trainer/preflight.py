@@ -274,8 +274,13 @@ def setup_from_config(cfg, on_gpu: bool, trainable: int, persistent: int, shape:
 
     ds = cfg.deepspeed
     zero = build_ds_config(cfg, cfg.cluster.nnodes * cfg.cluster.nproc_per_node, on_gpu)["zero_optimization"]
+    # A preference row is two sequences in one forward pass (trainer/objectives). Its reference adds
+    # nothing resident: with peft the same weights with adapters off, run under no_grad before the
+    # policy's forward (its logits are freed before the policy's activations exist); with full
+    # fine-tuning log-probs precomputed before training (two floats per row).
+    sequences_per_row = 1 if cfg.objective.name == "sft" else 2
     return Setup(world=cfg.cluster.nnodes * cfg.cluster.nproc_per_node, stage=ds.stage,
-                 precision=resolve_precision(cfg, on_gpu), micro_batch=cfg.train.micro_batch_size,
+                 precision=resolve_precision(cfg, on_gpu), micro_batch=cfg.train.micro_batch_size * sequences_per_row,
                  seq_len=cfg.data.max_seq_len, trainable=None if trainable == shape.params else trainable,
                  offload_optimizer=ds.offload_optimizer, offload_param=ds.offload_param,
                  checkpointing=cfg.model.activation_checkpointing, attn=cfg.model.attn_implementation,

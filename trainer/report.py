@@ -167,6 +167,9 @@ def summarize(run: RunData) -> Dict[str, Any]:
     steps = sorted(run.generations)
     generations = {"before_step": steps[0] if steps and steps[0] == 0 else None,
                    "after_step": steps[-1] if steps and steps[-1] > 0 else None}
+    # A preference run's held-out reward accuracy and margin, before (step 0) and after.
+    preference = {key: _before_after(run.evals, f"eval_rewards/{key}") for key in ("accuracy", "margin")}
     return {"run_dir": str(run.run_dir), "status": run.status, "task": task, "retention": retention,
             "train": train, "timing": timing, "generations": generations,
-            "baseline": any(r["step"] == 0 for r in run.evals), "problems": run.problems}
+            "baseline": any(r["step"] == 0 for r in run.evals), "problems": run.problems,
+            "preference": preference if any(v["after"] is not None for v in preference.values()) else None}

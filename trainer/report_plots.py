@@ -96,6 +96,9 @@ def draw_plots(run: RunData, out_dir: Path) -> Tuple[List[Tuple[str, Path]], Lis
         ("Gradient norm", "grad_norm.png", lambda p: _line_plot(run, p, ["grad_norm"], "Gradient norm", "norm")),
         ("Memory", "memory.png", lambda p: _line_plot(run, p, memory_keys(run), "Memory", "as logged (mem_*)")),
     ]
+    if any("rewards/margin" in r for r in run.train):  # a preference run (objective=dpo|simpo|kto)
+        plots.append(("Preference rewards", "rewards.png", lambda p: _line_plot(
+            run, p, ["rewards/accuracy", "rewards/margin"], "Preference rewards (train)", "accuracy / margin")))
     written, skipped = [], []
     for title, name, draw in plots:
         path = out_dir / name

@@ -208,7 +208,9 @@ def render_html(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str, Pa
     return "\n".join(parts)
 
 
-EVAL_COLUMNS = ("step", "eval_loss", "eval_ppl", "general_loss", "general_ppl")
+# the last two only in preference runs (objective=dpo|simpo|kto): held-out reward accuracy and margin
+EVAL_COLUMNS = ("step", "eval_loss", "eval_ppl", "general_loss", "general_ppl", "eval_rewards/accuracy",
+                "eval_rewards/margin")
 
 
 def _evals_html(run: RunData) -> str:
@@ -235,6 +237,9 @@ def render_markdown(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str
              f"- **Task:** {task_sentence(task)}", f"- **Retention:** {retention_sentence(retention)}",
              f"- **Train loss:** {num(summary['train']['first_loss'])} -> {num(summary['train']['last_loss'])} "
              f"over {summary['train']['steps_done']} / {summary['train']['max_steps']} steps", ""]
+    if summary.get("preference"):  # held-out reward accuracy and margin of a preference run
+        lines[-1:-1] = [f"- **Held-out reward {key}:** {num(v['before'])} -> {num(v['after'])}"
+                        for key, v in summary["preference"].items()]
     lines += [f"- note: {p}" for p in summary["problems"]]
     lines += ["", "## Plots", ""] + [f"![{t}](report/{p.name})" for t, p in plots] + [f"- {s}" for s in skipped]
     lines += ["", "## Evaluations", ""]

@@ -60,7 +60,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     import deepspeed
     from omegaconf import OmegaConf
 
-    from trainer.data import GlobalBatchSampler, build_datasets
+    from trainer.data import GlobalBatchSampler
+    from trainer.objectives import build_datasets, build_objective
     from trainer.loop import TrainContext
     from trainer.train_state import TrainState
     from trainer.metrics import build_sinks
@@ -71,7 +72,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     ds_config = load_ds_config(run_dir, cfg, info)
     tokenizer = build_tokenizer(cfg.model)
     # One process per node tokenizes (cached on disk); the others wait on a lock file, not a collective.
-    train_set, eval_set = build_datasets(cfg.data, tokenizer, log=log)
+    objective = build_objective(cfg)
+    train_set, eval_set = build_datasets(cfg, tokenizer, log=log)  # the shape the objective reads
     log(f"data: train {train_set.describe()}; eval {eval_set.describe() if eval_set else 'none'}")
     sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                  info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
@@ -83,6 +85,12 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, dist_init_required=False)
+    if objective.reference == "precomputed":  # from the weights as built: before any checkpoint is loaded
+        from trainer.distributed import sum_across_ranks
+        from trainer.objectives.reference import attach_reference
+
+        attach_reference(cfg, (train_set, eval_set), engine, objective, info,
+                         lambda values: sum_across_ranks(values, info.device), log)
     state = TrainState()
     resume_from = find_resume(run_dir, cfg, log)
     if resume_from is not None:
@@ -95,7 +103,7 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
                        train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
                        stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log,
-                       faults=Faults(cfg.train.fault_injection, info.rank))
+                       faults=Faults(cfg.train.fault_injection, info.rank), objective=objective)
     if cfg.train.timing:
         from trainer.timing import PhaseTimer
 

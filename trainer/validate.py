@@ -16,7 +16,10 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2"),
     "model.activation_checkpointing": ("none", "full", "selective"),
-    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"),
+    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"),
+    "objective.name": ("sft", "dpo", "simpo", "kto"),
+    "objective.loss_type": ("sigmoid", "ipo", "robust"),
+    "objective.reference": ("auto", "adapters_off", "precomputed", "none"),
     "data.loss_on": ("assistant", "all", "last_turn"),
     "data.length_policy": ("truncate", "drop"),
     "data.pad_to": ("auto", "longest", "max_seq_len"),
@@ -194,6 +197,13 @@ def _check_files(cfg: RootConfig, problems: List[str]) -> None:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.train_files):
         problems.append(f"data.weights has {len(cfg.data.weights)} entries but data.train_files has "
                         f"{len(cfg.data.train_files)}; give one weight per file or none")
+    if cfg.objective.name != "sft":  # the objective's data shape against the first record
+        from trainer.data.preference import first_record_problem
+
+        problem = first_record_problem(cfg.data.train_files, "kto" if cfg.objective.name == "kto" else "preference",
+                                       cfg.data.fields)
+        if problem:
+            problems.append(problem)
     problem = _model_source_problem(cfg)
     if problem:
         problems.append(problem)
@@ -294,6 +304,61 @@ def _check_data(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
                         "(it need not fit in RAM): leave data.streaming=false")
 
 
+def _check_objective(cfg: RootConfig, problems: List[str]) -> None:
+    """The objective against its data, its reference model and the loop's options (trainer/objectives/)."""
+    o = cfg.objective
+    if o.name == "sft":
+        if cfg.data.format in ("preference", "kto"):
+            problems.append(f"data.format={cfg.data.format} is preference data, which objective=sft cannot train on; "
+                            f"set objective=dpo or objective=simpo (preference) or objective=kto (kto)")
+        return
+    wanted = "kto" if o.name == "kto" else "preference"
+    if cfg.data.format not in ("auto", wanted):
+        problems.append(f"data.format={cfg.data.format} does not fit objective={o.name}, which reads {wanted} records "
+                        f"({'prompt, completion, label' if wanted == 'kto' else 'prompt, chosen, rejected'}); "
+                        f"set data.format=auto or data.format={wanted}")
+    if cfg.data.packing:
+        problems.append(f"data.packing=true with objective={o.name}: preference rows are kept whole (both answers "
+                        "of a pair in one forward pass), not packed; set data.packing=false")
+    if cfg.model.loss_chunks > 1:
+        problems.append(f"model.loss_chunks={cfg.model.loss_chunks} with objective={o.name}: the preference losses "
+                        "need each sequence's log-probabilities; set model.loss_chunks=1")
+    if not o.beta > 0:
+        problems.append(f"objective.beta={o.beta} must be > 0 (DPO/KTO typically 0.1, SimPO 2.0)")
+    if o.sft_weight < 0:
+        problems.append(f"objective.sft_weight={o.sft_weight} must be >= 0 (0: no SFT term)")
+    if o.name == "dpo":
+        limit = 0.5 if o.loss_type == "robust" else 1.0
+        if not 0 <= o.label_smoothing < limit:
+            problems.append(f"objective.label_smoothing={o.label_smoothing} must be in [0, {limit}) "
+                            f"with objective.loss_type={o.loss_type}")
+        if o.loss_type == "ipo" and o.label_smoothing:
+            problems.append("objective.label_smoothing applies to loss_type=sigmoid or robust, not ipo; set it to 0")
+    if o.name == "kto" and (o.desirable_weight <= 0 or o.undesirable_weight <= 0):
+        problems.append(f"objective.desirable_weight={o.desirable_weight} and objective.undesirable_weight="
+                        f"{o.undesirable_weight} must both be > 0")
+    _check_reference(cfg, problems)
+
+
+def _check_reference(cfg: RootConfig, problems: List[str]) -> None:
+    o = cfg.objective
+    if o.name == "simpo":
+        if o.reference not in ("auto", "none"):
+            problems.append(f"objective.reference={o.reference} with objective=simpo: SimPO is reference-free and "
+                            "uses no reference model; set objective.reference=none (or auto), or use objective=dpo")
+        return
+    if o.reference == "none":
+        problems.append(f"objective.reference=none with objective={o.name}: it compares the policy with a reference "
+                        "model; set objective.reference=auto (adapters off with peft, precomputed for full "
+                        "fine-tuning), or use the reference-free objective=simpo")
+    if o.reference == "adapters_off" and cfg.peft.method == "none":
+        problems.append("objective.reference=adapters_off needs a peft method (peft=lora, ...): with full "
+                        "fine-tuning there are no adapters to disable; set objective.reference=precomputed or auto")
+    if o.reference == "precomputed" and cfg.peft.method == "prefix_tuning":
+        problems.append("objective.reference=precomputed with peft.method=prefix_tuning: the virtual tokens change "
+                        "the model before any training; set objective.reference=adapters_off or auto")
+
+
 def _check_cluster(cfg: RootConfig, problems: List[str]) -> None:
     """Multi-node settings: Slurm job limits, hostfile and no-ssh rendezvous; the allocator."""
     from trainer.allocator import missing_problem
@@ -382,6 +447,7 @@ def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = 
     _check_deepspeed(cfg, problems)
     _check_device(cfg, problems, has_cuda)
     _check_data(cfg, problems, has_cuda)
+    _check_objective(cfg, problems)
     _check_cluster(cfg, problems)
     if check_files:
         _check_files(cfg, problems)

@@ -108,23 +108,26 @@ def expand_files(patterns: List[str]) -> List[str]:
     return [s.path if s.kind != "hub" else str(s) for p in patterns for s in sources.resolve(p)]
 
 
-def _prepare(source: sources.Source, tokenizer, cfg: DataConfig, tok_print: str, log) -> Tuple[DocStore, bool]:
+def _prepare(source: sources.Source, tokenizer, cfg: DataConfig, tok_print: str, log,
+             prepare_source=tokenize_source) -> Tuple[DocStore, bool]:
     key = cache.cache_key(sources.fingerprint(source), tok_print, cfg)
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
-    folder, hit = cache.get_or_prepare(root, key, lambda tmp: tokenize_source(source, tokenizer, cfg, tmp), log,
+    folder, hit = cache.get_or_prepare(root, key, lambda tmp: prepare_source(source, tokenizer, cfg, tmp), log,
                                        check=store_problem)
     return DocStore(folder), hit
 
 
-def _load_groups(patterns: List[str], tokenizer, cfg: DataConfig, log) -> Tuple[Corpus, List[np.ndarray], dict]:
-    """Prepare every source of every pattern; returns the corpus, the doc ids of each pattern, counts."""
+def _load_groups(patterns: List[str], tokenizer, cfg: DataConfig, log,
+                 prepare_source=tokenize_source) -> Tuple[Corpus, List[np.ndarray], dict]:
+    """Prepare every source of every pattern (with `prepare_source`: SFT documents, or preference
+    records: trainer/data/preference.py); returns the corpus, the doc ids of each pattern, counts."""
     tok_print = cache.tokenizer_fingerprint(tokenizer)
     stores, groups, report = [], [], {"skipped": Counter(), "truncated": 0, "dropped": Counter(),
                                       "cache_hits": 0, "cache_misses": 0}
     for pattern in patterns:
         first = sum(len(s) for s in stores)
         for source in sources.resolve(pattern):
-            store, hit = _prepare(source, tokenizer, cfg, tok_print, log)
+            store, hit = _prepare(source, tokenizer, cfg, tok_print, log, prepare_source)
             stores.append(store)
             report["skipped"].update(store.skipped)
             report["truncated"] += store.meta["truncated"]

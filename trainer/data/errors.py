@@ -18,6 +18,14 @@ REASONS = {
     "no_assistant_turn": "a conversation with no assistant turn",
     "zero_trainable": "a sample with no trainable token after masking",
     "template": "a chat template problem",
+    # preference data (trainer/data/preference.py)
+    "bad_pair": "a pair whose answer part is not one assistant message",
+    "empty_answer": "a chosen, rejected or KTO answer that is empty",
+    "identical_answers": "a pair whose chosen and rejected answers are the same",
+    "no_shared_prompt": "chosen and rejected conversations that do not share a prompt",
+    "bad_label": "a KTO label that is not a boolean",
+    "too_long": "an answer longer than data.max_seq_len even with the prompt cut to nothing",
+    "one_sided": "KTO data with only desirable examples",
 }
 
 
