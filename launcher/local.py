@@ -43,6 +43,10 @@ def usable_cpus() -> int:
 def worker_env(cfg: RootConfig, on_gpu: bool, ranks_on_node: int) -> Dict[str, str]:
     """Environment every rank inherits: device choice, threads, NCCL/gloo settings from config."""
     env = dict(os.environ)
+    # A W&B service of the shell that launched us (wandb.setup() in a notebook or script exports
+    # WANDB_SERVICE) must not serve the ranks: a killed launch's run would stay "in use" there, and
+    # its requeue could not resume it. Rank 0 starts its own, which ends with it.
+    env.pop("WANDB_SERVICE", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CODE_ROOT), env.get("PYTHONPATH")]))
     if not on_gpu:
         env["DS_ACCELERATOR"] = "cpu"

@@ -28,7 +28,6 @@ from launcher.devices import read_hostfile  # noqa: F401  moved to launcher/devi
 from launcher.local import prepare_model_source, run_workers, worker_env
 from launcher.slurm_env import derive_port, expand_nodelist, head_node_address, port_key_from_env
 from trainer.config import RootConfig, load_run_config
-from trainer.run_dir import RunDir
 from trainer.control import NODE_ENV, node_identity
 
 

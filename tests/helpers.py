@@ -16,6 +16,9 @@ TINY = ["train.max_steps=6", "train.micro_batch_size=2", "checkpoint.every_steps
 
 def subprocess_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
+    # wandb.setup() in this pytest process (the W&B unit tests) exports WANDB_SERVICE: children must start
+    # their own service, as the launcher's ranks do (launcher/local.py worker_env).
+    env.pop("WANDB_SERVICE", None)
     # One DeepSpeed op cache for the whole test session (and CI run): the comm op compiles once.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")

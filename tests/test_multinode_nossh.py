@@ -1,5 +1,6 @@
 """cluster=hostfile without ssh: the same command on each "node" (here: twice on this machine), each
-with its node rank, forms one world through the deepspeed launcher's --no_ssh mode and trains."""
+with its node rank, forms one world through DeepSpeed's per-node launcher (as its runner's --no_ssh
+mode would start it) and trains."""
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def test_two_node_launchers_form_one_world(tmp_path):
     outputs = [logs[rank].read_text() for rank in (0, 1)]
     for rank, (node, out) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {rank}:\n{out[-3000:]}"
-        assert f"node {rank}/2" in out and f"--node_rank={rank}" in out, out[-3000:]
+        assert f"node {rank}/2" in out and f"node_rank={rank}" in out, out[-3000:]  # DeepSpeed's per-node launcher
     values = losses(run_dir)
     assert len(values) == 4 and all(v == v for v in values)
     # Both ranks took part: one heartbeat each, and ds_config was written for a world of 2.

@@ -75,7 +75,8 @@ class ProgressBar:
             if record.get("kind") == "eval":
                 parts = [f"{name} loss {record[f'{name}_loss']:.4f} ppl {record[f'{name}_ppl']:.2f}"
                          for name in ("eval", "general") if f"{name}_loss" in record]
-                print(f"[eval step {record['step']}] {', '.join(parts)}", file=sys.stderr, flush=True)
+                if parts:  # a prompts-only evaluation has no loss to show
+                    print(f"[eval step {record['step']}] {', '.join(parts)}", file=sys.stderr, flush=True)
             return
         step = record["step"]
         done = step - self.start_step
@@ -121,6 +122,25 @@ def import_tracker(module: str, tracker: str):
                            "pip install 'shardtune[trackers]'") from None
 
 
+def init_when_free(wandb, run_id: str, wait_s: float = 90.0, **kwargs):
+    """wandb.init, waiting while a killed launch's wandb-core still holds the run ("run ID ... is in use").
+    A launch ended with kill -9 (a crash, a preempted node, a requeue) leaves its wandb-core service
+    running until it notices its parent is gone; the requeued launch that follows at once must wait for
+    it, not fail."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            return wandb.init(**kwargs)
+        except Exception as err:  # wandb's ServerResponseError, a private class
+            if "is in use" not in str(err) or time.monotonic() > deadline:
+                raise
+            if not said:
+                print(f"[shardtune] W&B: run {run_id} is still held by an earlier launch's wandb-core (a killed "
+                      f"launch); waiting up to {wait_s:.0f}s for it to exit", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(2.0)
+
+
 class WandbSink:
     """W&B on rank 0. The run id lives in the run directory, so a resumed run logs to the same run.
 
@@ -150,9 +170,9 @@ class WandbSink:
         # wandb.init's arguments override W&B's environment (WANDB_PROJECT, WANDB_ENTITY, ...): pass
         # only what the config sets (None reads the environment), and our default project last.
         project = cfg.logger.project or (None if wandb.setup().settings.project else DEFAULT_PROJECT)
-        self.run = wandb.init(project=project, entity=cfg.logger.entity, group=cfg.logger.group,
-                              tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
-                              dir=str(run_dir), mode=mode, config=public_config(cfg_dict))
+        self.run = init_when_free(wandb, run_id, project=project, entity=cfg.logger.entity, group=cfg.logger.group,
+                                  tags=list(cfg.logger.tags) or None, name=cfg.run.name, id=run_id, resume="allow",
+                                  dir=str(run_dir), mode=mode, config=public_config(cfg_dict))
         announce_run(self.run, run_dir, run_id)
         self.run_id = run_id
         self.logged_before = max(confirmed, self.run.starting_step - 1)

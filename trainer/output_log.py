@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Iterator
 
 LIMIT_BYTES = 16 * 1024 * 1024
 CHUNK = 64 * 1024
