@@ -158,7 +158,7 @@ def test_keepalive_keeps_a_long_save_alive_up_to_its_limit(tmp_path):
     def beat_time():
         return json.loads((tmp_path / "heartbeats" / "rank0.json").read_text())["time"]
 
-    heartbeat = Heartbeat(tmp_path, 0)
+    heartbeat = Heartbeat(tmp_path, 0, write_every_s=0.05)
     heartbeat.beat(4, "checkpoint")
     first = beat_time()
     with heartbeat.keepalive(limit_s=60, every_s=0.05):

@@ -337,6 +337,21 @@ def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path):
     assert "rank 1 " in stuck and "stopped" in stuck and "at step" in stuck, text[-3000:]
 
 
+def test_a_generation_slower_than_the_silence_limit_is_not_a_hang(tmp_path):
+    """Under ZeRO-3 every generated token gathers the whole model: a large model's baseline generation
+    outlasted the silence limit and the job was ended at step 0 (exit 4) while nothing was stuck. Each
+    token now tells the heartbeat; here every token takes 1 s against a 6 s limit, and the run finishes.
+    (A rank that truly stops is still named within the limit: T12.)"""
+    run_dir, limit_s = tmp_path / "slow", 6
+    proc = run_ok(run_dir, "train.max_steps=2", "eval.baseline=true", "eval.prompts=[Hello]", "eval.prompts_file=null",
+                  "eval.max_new_tokens=10", f"cluster.heartbeat_timeout_s={limit_s}",
+                  "+train.fault_injection.token_delay_s=1")
+    evals = metrics(run_dir, "eval")
+    print(f"slow generation: eval phases of {[round(r['eval_time_s'], 1) for r in evals]} s, limit {limit_s} s")
+    assert evals and all(r["eval_time_s"] > limit_s for r in evals), evals
+    assert "no heartbeat" not in proc.stdout and "stuck" not in proc.stdout
+
+
 # ---------------------------------------------------------------- a full disk
 @pytest.fixture
 def small_disk(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from trainer.config import RootConfig
 from trainer.data.dataset import TokenizedDataset, load_files
@@ -80,6 +81,22 @@ def encode_prompt(tokenizer, prompt: str, style: str) -> List[int]:
     return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+class AlivePerToken(StoppingCriteria):
+    """Never stops a generation: it tells the heartbeat at every generated token that this rank is
+    alive. Under ZeRO-3 every token gathers the whole model, so a large model's (or a loaded node's)
+    generation outlasts the watchdog's silence limit while nothing is stuck; a rank that truly stops
+    generating still goes silent. A touch is a note in memory (trainer/control.py Heartbeat)."""
+
+    def __init__(self, heartbeat, delay_s: float = 0.0):
+        self.heartbeat, self.delay_s = heartbeat, delay_s  # delay_s: train.fault_injection.token_delay_s
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self.heartbeat.touch()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(ctx, prompts: List[str], style: str) -> List[str]:
     """Greedy completions, one prompt at a time (no padding to get wrong), decoded on rank 0.
@@ -91,6 +108,7 @@ def generate(ctx, prompts: List[str], style: str) -> List[str]:
     synced = info.world_size > 1 and ctx.cfg.deepspeed.stage == 3
     model.eval()
     completions = []
+    alive = StoppingCriteriaList([AlivePerToken(ctx.heartbeat, ctx.faults.token_delay_s())])
     for prompt in prompts:
         input_ids = torch.tensor([encode_prompt(tokenizer, prompt, style)], device=info.device)
         with eager_when_compiled(ctx.cfg.model.compile):
@@ -99,7 +117,7 @@ def generate(ctx, prompts: List[str], style: str) -> List[str]:
                                     # use_cache: training turns the config's cache off, but generation
                                     # wants it (and peft prefix tuning fails without it)
                                     synced_gpus=synced, use_cache=True, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+                                    eos_token_id=tokenizer.eos_token_id, stopping_criteria=alive)
         new_tokens = output[0, input_ids.shape[1]:]
         # Kept verbatim (whitespace too): an untrained model often emits only newlines, and the
         # report should show that rather than an empty cell.
@@ -137,6 +155,7 @@ class Evaluator:
             completions = generate(ctx, self.prompts, self.prompt_style)
             rows = [{"prompt": p, "generation": c} for p, c in zip(self.prompts, completions)]
             ctx.sinks.log_table("generations", step, rows)
+            record.update(generations=len(rows))  # so a prompts-only evaluation is timed too
         if len(record) > 2:
             record.update(eval_time_s=time.perf_counter() - started, time=time.time())
             ctx.sinks.log(record)

@@ -10,6 +10,8 @@ of them; `*_rank` keys limit a fault to one rank (default: every rank, or rank 0
                                      "paused"), so a test can signal or kill it at a known step;
                                      a stop request (signal, stop file, launcher gone) ends it
     stop_at_step                     a stop request arrives during the step
+    token_delay_s                    seconds every generated token takes (a generation slower than
+                                     the watchdog's silence limit, as a large model's under ZeRO-3)
 An empty dict (the default) injects nothing.
 """
 from __future__ import annotations
@@ -50,3 +52,6 @@ class Faults:
             end = time.monotonic() + float(self.spec.get("pause_seconds", 60))
             while time.monotonic() < end and not (stop is not None and stop.requested()):
                 time.sleep(min(0.1, max(end - time.monotonic(), 0)))
+
+    def token_delay_s(self) -> float:
+        return float(self.spec.get("token_delay_s") or 0.0)

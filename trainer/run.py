@@ -177,7 +177,7 @@ def main(run_dir: str) -> int:
     try:
         ctx, state = build_context(run_dir, cfg, info)
         code = train(ctx, state)
-        ctx.heartbeat.beat(state.step, "done")  # the launcher's watchdog stops watching this rank
+        ctx.heartbeat.finish(state.step)  # the launcher's watchdog stops watching this rank
         if ctx.timer is not None:
             ctx.timer.write(run_dir, info.rank)
         ctx.sinks.close()
