@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from launcher.compose import CONFIG_DIR, has_cuda, register
+from launcher.compose import CONFIG_DIR, PRIMARY, has_cuda, register
 from launcher.rundir import world_size, write_run_dir
 from trainer.config import RootConfig, to_config
 from trainer.output_log import tee_output
@@ -221,13 +221,17 @@ def override_problem(argv: List[str]) -> str | None:
     its own traceback-style advice. Sweeps (-m) and --help are left to Hydra."""
     if {"-m", "--multirun", "-h", "--help", "--hydra-help", "-sc", "--shell-completion"} & set(argv):
         return None
-    overrides, config_dirs, rest = [], [], list(argv)
+    overrides, config_dirs, config_name, rest = [], [], PRIMARY, list(argv)
     while rest:
         arg = rest.pop(0)
         if arg in ("-cd", "--config-dir") and rest:
             config_dirs.append(rest.pop(0))
         elif arg.startswith("--config-dir="):
             config_dirs.append(arg.split("=", 1)[1])
+        elif arg in ("-cn", "--config-name") and rest:
+            config_name = rest.pop(0)
+        elif arg.startswith("--config-name="):
+            config_name = arg.split("=", 1)[1]
         elif arg in _VALUE_FLAGS and rest:
             rest.pop(0)
         elif arg in ("-i", "--info") and rest and rest[0] in _INFO_TOPICS:
@@ -237,7 +241,7 @@ def override_problem(argv: List[str]) -> str | None:
     from launcher.compose import compose_node
 
     try:
-        compose_node(overrides, config_dirs)
+        compose_node(overrides, config_dirs, config_name)
     except ConfigError as err:
         return "\n".join(err.problems)
     return None

@@ -37,9 +37,9 @@ def parse_args(argv: List[str]):
     parser.add_argument("--vs", choices=["hf"], default=None, help="also run HF Trainer on the same setup")
     parser.add_argument("--repeats", type=int, default=1, help="alternating rounds of ours / HF")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, as for `shardtune train`")
-    from launcher.compose import add_config_dir_option
+    from launcher.compose import add_config_options
 
-    add_config_dir_option(parser)
+    add_config_options(parser)
     return parser.parse_args(argv)
 
 
@@ -141,14 +141,17 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from launcher.compose import compose
+    from launcher.compose import compose, config_yaml
     from trainer.validate import ConfigError
 
     try:
-        cfg = compose(args.overrides, config_dirs=args.config_dirs)
+        cfg = compose(args.overrides, config_dirs=args.config_dirs, config_name=args.config_name)
     except ConfigError as err:
         print(f"shardtune bench: {err}", file=sys.stderr)
         return 2
+    if args.cfg:
+        print(config_yaml(cfg))
+        return 0
     base = Path(cfg.run.dir).expanduser().resolve()
     world = cfg.cluster.world_size
     threads = cfg.cluster.threads_per_rank or max(1, usable_cpus() // cfg.cluster.nproc_per_node)
@@ -160,7 +163,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ours = base / f"ours-{r}"
         started = time.time()
         overrides = [o for o in args.overrides if not o.startswith("run.dir=")]  # each round has its own dir
-        overrides = [arg for d in args.config_dirs for arg in ("--config-dir", str(Path(d).expanduser().resolve()))] + overrides
+        overrides = [*(arg for d in args.config_dirs for arg in ("--config-dir", str(Path(d).expanduser().resolve()))),
+                     "--config-name", args.config_name, *overrides]
         run_ours(ours, overrides + [f"cluster.threads_per_rank={threads}"], total_steps, env)
         entry = {"ours_dir": str(ours), "ours_wall_s": time.time() - started}
         if args.vs == "hf":

@@ -16,6 +16,7 @@ from trainer.config import RootConfig, to_config
 from trainer.validate import ConfigError, validate
 
 __all__ = ["CONFIG_DIR", "register", "has_cuda", "compose", "composition_problem", "ConfigError"]
+PRIMARY = "config"  # configs/config.yaml: the primary config, whose defaults list picks each group's preset
 
 
 def register() -> None:
@@ -35,12 +36,18 @@ def has_cuda(cfg: RootConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def add_config_dir_option(parser) -> None:
-    """`-cd DIR` / `--config-dir DIR` on a command that composes a config, as `shardtune train` has it
-    (Hydra's flag): a folder of the user's own configs, searched besides shardtune's."""
+def add_config_options(parser) -> None:
+    """Hydra's flags for where a config comes from, on a command that composes one as `shardtune train`
+    does: `-cd DIR` (a folder of the user's own configs, searched besides shardtune's), `-cn NAME` (the
+    primary config: DIR/NAME.yaml instead of config.yaml) and `--cfg` (print the composed config, run
+    nothing)."""
     parser.add_argument("-cd", "--config-dir", dest="config_dirs", action="append", default=[], metavar="DIR",
                         help="a folder of your own configs (e.g. DIR/model/mine.yaml for model=mine), as for "
                              "shardtune train")
+    parser.add_argument("-cn", "--config-name", dest="config_name", default=PRIMARY, metavar="NAME",
+                        help=f"the primary config, NAME.yaml in a config folder (default: {PRIMARY})")
+    parser.add_argument("--cfg", nargs="?", const="job", choices=["job"], default=None,
+                        help="print the composed config (as `shardtune train --cfg job` would) and run nothing")
 
 
 def config_dir_overrides(config_dirs: Sequence[str]) -> List[str]:
@@ -53,18 +60,19 @@ def config_dir_overrides(config_dirs: Sequence[str]) -> List[str]:
 
 
 def compose(overrides: List[str], validate_files: bool = True, on_gpu: Optional[bool] = None,
-            config_dirs: Sequence[str] = ()) -> RootConfig:
+            config_dirs: Sequence[str] = (), config_name: str = PRIMARY) -> RootConfig:
     """The config `shardtune train OVERRIDES` would run, composed and validated, without launching.
 
     For the subcommands that need a config but no run (preflight, data preview, bench). `on_gpu`
     validates it as for a machine with (True) or without (False) GPUs instead of this one: a CPU
-    login node estimating a GPU job. `config_dirs`: the user's own config folders (`-cd`).
+    login node estimating a GPU job. `config_dirs`, `config_name`: the user's own config folders (`-cd`)
+    and primary config (`-cn`).
     """
-    cfg = to_config(compose_node(overrides, config_dirs))
+    cfg = to_config(compose_node(overrides, config_dirs, config_name))
     return validate(cfg, has_cuda=has_cuda(cfg) if on_gpu is None else on_gpu, check_files=validate_files)
 
 
-def compose_node(overrides: List[str], config_dirs: Sequence[str] = ()):
+def compose_node(overrides: List[str], config_dirs: Sequence[str] = (), config_name: str = PRIMARY):
     """Hydra's composition alone (no schema binding, no validation); a bad override is a ConfigError
     that says which, not a traceback."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -72,11 +80,28 @@ def compose_node(overrides: List[str], config_dirs: Sequence[str] = ()):
     from omegaconf.errors import OmegaConfBaseException
 
     register()
+    primary_dir, searched = primary_folder(config_name, config_dirs)
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR), job_name="shardtune"):
-            return hydra_compose(config_name="config", overrides=[*config_dir_overrides(config_dirs), *overrides])
+        with initialize_config_dir(version_base="1.3", config_dir=str(primary_dir), job_name="shardtune"):
+            return hydra_compose(config_name=config_name, overrides=[*config_dir_overrides(searched), *overrides])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError([composition_problem(err)]) from None
+
+
+def primary_folder(config_name: str, config_dirs: Sequence[str]) -> tuple:
+    """(the folder holding the primary config, the other folders to search). Hydra finds a primary config
+    only in the folder it starts from, not in folders added to its search path: a user's own primary
+    config (`-cn mine` with `-cd DIR`) makes DIR that folder, and shardtune's configs are searched."""
+    if config_name != PRIMARY:
+        for folder in config_dirs:
+            if (Path(folder).expanduser() / f"{config_name}.yaml").is_file():
+                return Path(folder).expanduser().resolve(), [str(CONFIG_DIR), *(d for d in config_dirs if d != folder)]
+    return CONFIG_DIR, list(config_dirs)
+
+
+def config_yaml(cfg: RootConfig) -> str:
+    """The composed config as YAML, as `--cfg` prints it."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def schema_keys(node: type = RootConfig, prefix: str = "") -> List[str]:

@@ -106,9 +106,9 @@ def preview(argv: List[str]) -> int:
     parser.add_argument("--split", choices=("train", "eval"), default="train")
     parser.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON only")
-    from launcher.compose import add_config_dir_option, compose
+    from launcher.compose import add_config_options, compose, config_yaml
 
-    add_config_dir_option(parser)
+    add_config_options(parser)
     args, overrides = parser.parse_known_args(argv)
     from trainer.config import ConfigError
     from trainer.data.errors import DataError
@@ -116,7 +116,10 @@ def preview(argv: List[str]) -> int:
     from trainer.objectives import build_datasets
 
     try:
-        cfg = compose(overrides, validate_files=True, config_dirs=args.config_dirs)
+        cfg = compose(overrides, validate_files=True, config_dirs=args.config_dirs, config_name=args.config_name)
+        if args.cfg:
+            print(config_yaml(cfg))
+            return 0
         tokenizer = build_tokenizer(cfg.model)
         train, evaluation = build_datasets(cfg, tokenizer, log=lambda m: print(m, file=sys.stderr))
     except (ConfigError, DataError) as err:

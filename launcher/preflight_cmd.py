@@ -120,32 +120,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="memory of one GPU, e.g. 80GB (GB = 2^30 bytes, as printed; an H100 80GB shows "
                              "79.2 to PyTorch); needed with --device cuda where no GPU is visible")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for shardtune train")
-    from launcher.compose import add_config_dir_option
+    from launcher.compose import add_config_options
 
-    add_config_dir_option(parser)
+    add_config_options(parser)
     return parser
 
 
-def compose_for(overrides: List[str], device: str, config_dirs: Sequence[str] = ()) -> Tuple[RootConfig, bool]:
+def compose_for(overrides: List[str], device: str, config_dirs: Sequence[str] = (),
+                config_name: str = "config") -> Tuple[RootConfig, bool]:
     """(config, on_gpu): composed as `shardtune train` would. `cuda` validates it as on a GPU machine,
     even where none is visible, so GPU-only settings (flash_attention_2, fp16) are accepted."""
     from launcher import compose as composing
 
+    where = {"config_dirs": config_dirs, "config_name": config_name}
     if device == "cpu":
-        return composing.compose([*overrides, "cluster.device=cpu"], False, config_dirs=config_dirs), False
+        return composing.compose([*overrides, "cluster.device=cpu"], False, **where), False
     if device == "auto":
-        cfg = composing.compose(overrides, validate_files=False, config_dirs=config_dirs)
+        cfg = composing.compose(overrides, validate_files=False, **where)
         return cfg, composing.has_cuda(cfg)
-    return composing.compose([*overrides, "cluster.device=cuda"], False, on_gpu=True, config_dirs=config_dirs), True
+    return composing.compose([*overrides, "cluster.device=cuda"], False, on_gpu=True, **where), True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, on_gpu = compose_for(args.overrides, args.device, args.config_dirs)
+        cfg, on_gpu = compose_for(args.overrides, args.device, args.config_dirs, args.config_name)
     except ConfigError as err:
         print(f"shardtune preflight: {err}", file=sys.stderr)
         return 2
+    if args.cfg:
+        from launcher.compose import config_yaml
+
+        print(config_yaml(cfg))
+        return 0
     if on_gpu and args.gpu_memory is None and not _gpu_visible():
         print("shardtune preflight: --device cuda needs --gpu-memory (e.g. 80GB) where no GPU is visible",
               file=sys.stderr)

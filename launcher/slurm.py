@@ -172,15 +172,27 @@ def launch_slurm(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
 
 
 def preflight_fits(cfg: RootConfig, on_gpu: bool) -> bool:
-    """Estimate memory before queueing: a job that cannot fit should fail now, not after hours in the queue."""
-    gpu_job = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cfg.cluster.slurm.gpus_per_node > 0)
-    if gpu_job != on_gpu:
-        print("[shardtune] preflight skipped: this node's devices differ from the job's (estimate the "
-              "job here with `shardtune preflight --device cuda --gpu-memory 80GB <overrides>`)", flush=True)
-        return True
-    from launcher.preflight_cmd import report
+    """Estimate memory before queueing: a job that cannot fit should fail now, not after hours in the queue.
+    From a login node without the job's GPUs it is estimated for GPUs of cluster.slurm.gpu_memory."""
+    from argparse import ArgumentTypeError
 
-    fits, text, _ = report(cfg, on_gpu)
+    from launcher.preflight_cmd import parse_size, report
+
+    gpu_job = cfg.cluster.device == "cuda" or (cfg.cluster.device == "auto" and cfg.cluster.slurm.gpus_per_node > 0)
+    gpu_memory = None
+    if gpu_job != on_gpu:
+        given = cfg.cluster.slurm.gpu_memory
+        if not gpu_job or not given:
+            print("[shardtune] preflight skipped: this node's devices differ from the job's (set "
+                  "cluster.slurm.gpu_memory=80GB, the memory of one of the job's GPUs, to estimate the job "
+                  "here; or run `shardtune preflight --device cuda --gpu-memory 80GB <overrides>`)", flush=True)
+            return True
+        try:
+            gpu_memory = parse_size(given)
+        except ArgumentTypeError as err:
+            print(f"[shardtune] not submitted: cluster.slurm.gpu_memory={given!r}: {err}", flush=True)
+            return False
+    fits, text, _ = report(cfg, gpu_job, gpu_memory)
     print(text, flush=True)
     if not fits:
         print("[shardtune] not submitted: the job would not fit (cluster.slurm.preflight=false submits anyway)",

@@ -1,5 +1,6 @@
-"""A folder of the user's own configs (`-cd DIR` / `--config-dir DIR`, Hydra's flag) works on every
-command that composes a config: train, preflight, data preview, bench."""
+"""Hydra's flags for where a config comes from work on every command that composes a config (train,
+preflight, data preview, bench): a folder of the user's own configs (`-cd DIR` / `--config-dir DIR`),
+a primary config of their own (`-cn NAME`) and `--cfg` (print the composed config, run nothing)."""
 from __future__ import annotations
 
 import pytest
@@ -47,3 +48,13 @@ def test_bench_passes_the_config_dir_to_its_runs(user_configs):
 
     args = parse_args(["--steps", "2", "-cd", str(user_configs), "model=mine"])
     assert args.config_dirs == [str(user_configs)] and args.overrides == ["model=mine"]
+
+
+@pytest.mark.parametrize("command", [["preflight"], ["data", "preview"], ["bench"]])
+def test_every_composing_command_takes_a_config_name_and_prints_the_config(user_configs, command, capsys):
+    """Hydra's -cn (a primary config of the user's own) and --cfg (print it, run nothing), as on train."""
+    (user_configs / "mine.yaml").write_text("defaults:\n  - config\n  - _self_\ntrain:\n  max_steps: 7\n")
+    code = cli.main([*command, "-cd", str(user_configs), "-cn", "mine", "--cfg"])
+    out = capsys.readouterr()
+    assert code == 0, out.err[-3000:]
+    assert "max_steps: 7" in out.out and "name_or_path: builtin:tiny-llama" in out.out

@@ -171,3 +171,22 @@ def test_a_sweeps_trials_share_an_array_only_when_they_request_the_same_resource
     assert "#SBATCH --array=0-1%3" in script and f"#SBATCH --output={tmp_path}/slurm-%A_%a.out" in script
     assert str(RunDir(trials[1]).job_script) in script and 'exec bash "$SCRIPT"' in script
     assert "%" not in array_script(tmp_path, "sweep", trials[:2], shared, parallelism=0).split("--array=")[1].split()[0]
+
+
+def test_a_login_node_without_gpus_judges_the_gpu_job_by_the_memory_it_is_told(tmp_path, capsys):
+    """Submission from a CPU login node: preflight estimates the job for its GPUs (cluster.slurm.gpu_memory)
+    and refuses one that cannot fit, before it waits in the queue."""
+    from launcher.slurm import preflight_fits
+
+    def cfg(*overrides):
+        return compose(["cluster=slurm", "cluster.slurm.gpus_per_node=2", "cluster.nproc_per_node=2",
+                        f"run.dir={tmp_path}", *overrides], validate_files=False, on_gpu=True)
+
+    assert preflight_fits(cfg(), on_gpu=False)  # no memory given: said, and submitted as before
+    assert "preflight skipped" in capsys.readouterr().out
+    assert preflight_fits(cfg("cluster.slurm.gpu_memory=80GB"), on_gpu=False)
+    assert "fits" in capsys.readouterr().out
+    assert not preflight_fits(cfg("cluster.slurm.gpu_memory=1MB"), on_gpu=False)
+    assert "not submitted: the job would not fit" in capsys.readouterr().out
+    assert not preflight_fits(cfg("cluster.slurm.gpu_memory=lots"), on_gpu=False)
+    assert "cluster.slurm.gpu_memory='lots'" in capsys.readouterr().out

@@ -126,3 +126,16 @@ def test_a_failed_run_keeps_its_output_in_logs_and_says_where(resumed_run):
     assert "step 6/8" in rank_0 and "step 7/8" in rank_0  # both launches, appended
     assert "aborting: 1 non-finite steps in a row (last step 8)" in rank_0
     assert RunDir(run_dir).rank_log(1).is_file()
+
+
+def test_the_report_says_where_the_trackers_hold_the_run(resumed_run):
+    from helpers import shardtune
+
+    run_dir, _, _ = resumed_run
+    shardtune("report", str(run_dir), check=True)
+    report = RunDir(run_dir).report_md.read_text()
+    run_id = RunDir(run_dir).wandb_run_id.read_text().strip()
+    assert f"- **W&B (offline):** `wandb sync {RunDir(run_dir).wandb}/offline-run-*-{run_id}`" in report, report
+    assert f"- **TensorBoard:** `tensorboard --logdir {RunDir(run_dir).tensorboard}`" in report
+    assert f"- **MLflow:** `mlflow ui --backend-store-uri {RunDir(run_dir).mlflow_store}`" in report
+    assert "mlflow ui --backend-store-uri" in RunDir(run_dir).report_html.read_text()

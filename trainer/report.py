@@ -141,6 +141,27 @@ def _cfg(config: Dict[str, Any], dotted: str, default=None):
     return node
 
 
+def tracker_links(run_dir: Path) -> List[str]:
+    """Where the run's metrics also are: the W&B run (its URL, or how to upload an offline run), the
+    TensorBoard events and the MLflow store in the run directory, or the MLflow run on a server."""
+    paths, links = RunDir(run_dir), []
+    try:
+        wandb = json.loads(paths.wandb_run.read_text())
+    except (OSError, ValueError):
+        wandb = {}
+    if wandb.get("url"):
+        links.append(f"W&B: {wandb['url']}")
+    elif wandb.get("sync_command"):
+        links.append(f"W&B (offline): {wandb['sync_command']}")
+    if paths.tensorboard.is_dir():
+        links.append(f"TensorBoard: tensorboard --logdir {paths.tensorboard}")
+    if paths.mlflow_store.is_dir():
+        links.append(f"MLflow: mlflow ui --backend-store-uri {paths.mlflow_store}")
+    elif paths.mlflow_run_id.is_file():
+        links.append(f"MLflow: run {paths.mlflow_run_id.read_text().strip()}")
+    return links
+
+
 def summarize(run: RunData) -> Dict[str, Any]:
     """The figures the report shows, taken verbatim from the run's files."""
     task = _before_after(run.evals, "eval_loss")
@@ -172,4 +193,5 @@ def summarize(run: RunData) -> Dict[str, Any]:
     return {"run_dir": str(run.run_dir), "status": run.status, "task": task, "retention": retention,
             "train": train, "timing": timing, "generations": generations,
             "baseline": any(r["step"] == 0 for r in run.evals), "problems": run.problems,
+            "trackers": tracker_links(run.run_dir),
             "preference": preference if any(v["after"] is not None for v in preference.values()) else None}

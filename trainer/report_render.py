@@ -183,6 +183,7 @@ def render_html(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str, Pa
         f"<style>{CSS}</style></head><body>",
         f"<h1>{_e(name)} <span class='badge {_e(status['state'])}'>{_e(status['state'])}</span></h1>",
         f"<div class='sub'>{_e(run.run_dir)} &middot; {_e(status['meaning'])}</div>",
+        *[f"<div class='sub'>{_e(link)}</div>" for link in summary.get("trackers", [])],
         "<div class='cards'>",
         _card("Task: eval loss before → after", task["before"], task["after"], task["change_pct"],
               task_sentence(task), bad=task["change"] is not None and task["change"] > 0),
@@ -240,6 +241,7 @@ def render_markdown(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str
     if summary.get("preference"):  # held-out reward accuracy and margin of a preference run
         lines[-1:-1] = [f"- **Held-out reward {key}:** {num(v['before'])} -> {num(v['after'])}"
                         for key, v in summary["preference"].items()]
+    lines += [f"- **{link.split(': ', 1)[0]}:** `{link.split(': ', 1)[1]}`" for link in summary.get("trackers", [])]
     lines += [f"- note: {p}" for p in summary["problems"]]
     lines += ["", "## Plots", ""] + [f"![{t}](report/{p.name})" for t, p in plots] + [f"- {s}" for s in skipped]
     lines += ["", "## Evaluations", ""]
