@@ -2,7 +2,7 @@
 
 The schema (trainer/config.py) is the one place a setting is described: its type and default are the
 dataclass field's, its description the comment written beside (or just above) the field, its valid
-values those validation enforces (trainer/validate.py CHOICES), and a config group's presets the
+values those written beside it with `one_of` (validation enforces them), and a config group's presets the
 files of configs/<group>/. Nothing here is a second copy that could drift from them.
 """
 from __future__ import annotations
@@ -58,8 +58,6 @@ def _type_name(hint) -> str:
 def settings(schema: type = RootConfig, prefix: str = "", composed=None) -> List[Setting]:
     """Every leaf setting of the schema, in declaration order. `composed`: a composed config whose
     values are shown as the defaults (what the presets set), else the schema's own defaults."""
-    from trainer.validate import CHOICES
-
     comments = field_comments(schema)
     hints = typing.get_type_hints(schema)
     found = []
@@ -77,7 +75,8 @@ def settings(schema: type = RootConfig, prefix: str = "", composed=None) -> List
         if composed is not None:
             default = _lookup(composed, key)
         shown = "(set by the group's preset)" if default == "???" else repr(default)
-        found.append(Setting(key, _type_name(hint), shown, comments.get(item.name, ""), CHOICES.get(key)))
+        found.append(Setting(key, _type_name(hint), shown, comments.get(item.name, ""),
+                             item.metadata.get("choices")))
     return found
 
 

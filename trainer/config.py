@@ -18,6 +18,29 @@ from omegaconf.errors import OmegaConfBaseException
 from trainer.run_dir import RunDir
 
 
+def one_of(*choices: Any, default: Any) -> Any:
+    """A setting's valid values, written once beside it: validation refuses any other value
+    (trainer/validate.py) and `shardtune config KEY` lists them (launcher/config_cmd.py)."""
+    assert default in choices, (default, choices)
+    return field(default=default, metadata={"choices": choices})
+
+
+def schema_choices(schema: type = None, prefix: str = "") -> Dict[str, tuple]:
+    """Every setting declared with `one_of`, dotted (peft.method -> its valid values)."""
+    import dataclasses
+    import typing
+
+    schema = schema or RootConfig
+    hints = typing.get_type_hints(schema)
+    found: Dict[str, tuple] = {}
+    for item in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[item.name]):
+            found.update(schema_choices(hints[item.name], f"{prefix}{item.name}."))
+        elif "choices" in item.metadata:
+            found[f"{prefix}{item.name}"] = item.metadata["choices"]
+    return found
+
+
 @dataclass
 class ModelConfig:
     # A local Hugging Face folder, a hub id (Org/Name: found in the Hugging Face cache, downloaded
@@ -29,11 +52,13 @@ class ModelConfig:
     revision: Optional[str] = None  # of a hub id: a branch, tag or commit (default: main)
     gguf_file: Optional[str] = None  # file name inside name_or_path, when loading from GGUF
     family: str = "llama"  # picks chat template and LoRA targets defaults: llama|qwen|mistral|gemma|smollm
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    dtype: str = one_of("auto", "float32", "bfloat16", "float16", default="auto")  # auto: bf16 on GPU, fp32 on CPU
+    # the attention kernel transformers uses
+    attn_implementation: str = one_of("sdpa", "eager", "flex_attention", "flash_attention_2", default="sdpa")
     trust_remote_code: bool = False  # run the model repository's own Python code (architectures transformers lacks)
     chat_template: Optional[str] = None  # "chatml" or a Jinja template; None keeps the tokenizer's
-    activation_checkpointing: str = "none"  # none | full | selective
+    # recompute activations in backward (every layer, or selectively): memory for compute
+    activation_checkpointing: str = one_of("none", "full", "selective", default="none")
     compile: bool = False  # torch.compile the model (fixed shapes compile once: see data.pad_to)
     # 1: the model's own head and one cross-entropy over B x S x V logits; N > 1: the head applied to
     # label tokens only, in N checkpointed chunks (trainer/loss.py): a 1/N of the logits' memory
@@ -55,17 +80,22 @@ class DataConfig:
     weights: List[float] = field(default_factory=list)  # mixing weights, one per train_files entry
     eval_fraction: float = 0.0  # held-out fraction when no eval_files
     seed: int = 0  # picks the held-out documents and the subsets of mixed sources
-    format: str = "auto"  # auto | messages | sharegpt | alpaca | prompt_completion | text
+    # auto: detected per file; preference and kto are the preference objectives' data
+    format: str = one_of("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto",
+                         default="auto")
     # rename source fields: canonical name -> name in your files, e.g. {messages: dialog, content: text}
     fields: Dict[str, str] = field(default_factory=dict)
-    loss_on: str = "assistant"  # assistant | all | last_turn
+    # trained tokens: the assistant's answers, all, or the last turn's answer
+    loss_on: str = one_of("assistant", "all", "last_turn", default="assistant")
     max_seq_len: int = 512  # tokens per row; longer documents follow data.length_policy
-    length_policy: str = "truncate"  # truncate | drop
+    # a document longer than max_seq_len: truncated, or dropped
+    length_policy: str = one_of("truncate", "drop", default="truncate")
     packing: bool = False  # several documents per row, per-document position ids, no cross-attention
     # width of a micro-batch's rows: longest (its own longest row) | max_seq_len (every batch one
     # shape: what torch.compile needs to compile once) | auto (max_seq_len with model.compile, else longest)
-    pad_to: str = "auto"
-    on_error: str = "strict"  # strict (stop at the first bad record, file:line) | skip (count by reason)
+    pad_to: str = one_of("auto", "longest", "max_seq_len", default="auto")
+    # strict: stop at the first bad record (file:line); skip: count them by reason
+    on_error: str = one_of("strict", "skip", default="strict")  # strict: stop at a bad record; skip: count by reason
     num_proc: int = 1  # tokenizer worker processes
     cache_dir: Optional[str] = None  # default: $SHARDTUNE_DATA_CACHE or ~/.cache/shardtune/data
     streaming: bool = False  # reserved; prepared data is memory-mapped, so it need not fit in RAM
@@ -76,9 +106,11 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     """What the loop minimises (trainer/objectives/): next-token SFT, or a preference objective."""
-    name: str = "sft"  # sft | dpo | simpo | kto
+    name: str = one_of("sft", "dpo", "simpo", "kto", default="sft")  # what the loop minimises (trainer/objectives/)
     beta: float = 0.1  # dpo/kto: scale of the implicit reward; simpo: of the length-normalised log-prob
-    loss_type: str = "sigmoid"  # dpo: sigmoid (the paper's) | ipo | robust (noisy labels, with label_smoothing)
+    # dpo: sigmoid (the paper's), ipo, or robust (noisy labels, with label_smoothing)
+    # dpo: sigmoid (the paper's), ipo, or robust (noisy labels, with label_smoothing)
+    loss_type: str = one_of("sigmoid", "ipo", "robust", default="sigmoid")
     label_smoothing: float = 0.0  # dpo sigmoid/robust: assumed probability that a pair's labels are flipped
     sft_weight: float = 0.0  # dpo/simpo: weight of an SFT term (mean NLL per token) on the chosen answer (RPO)
     gamma: float = 0.5  # simpo: target reward margin
@@ -86,12 +118,13 @@ class ObjectiveConfig:
     undesirable_weight: float = 1.0  # kto: weight of undesirable (label false) examples
     # auto: dpo/kto take the base model with adapters disabled (any peft method) or, for full
     # fine-tuning, log-probs precomputed in one pass before training; simpo has none
-    reference: str = "auto"  # auto | adapters_off | precomputed | none
+    reference: str = one_of("auto", "adapters_off", "precomputed", "none", default="auto")
 
 
 @dataclass
 class PeftConfig:
-    method: str = "none"  # none | lora | dora | ia3 | prefix_tuning
+    # the peft method; none: full fine-tuning
+    method: str = one_of("none", "lora", "dora", "ia3", "prefix_tuning", default="none")
     r: int = 8  # LoRA/DoRA rank
     alpha: int = 16  # LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0  # dropout on the LoRA branch's input
@@ -106,10 +139,10 @@ class PeftConfig:
 @dataclass
 class DeepSpeedConfig:
     # ZeRO stage: 0 replicates everything, 1 shards optimizer states, 2 also gradients, 3 also parameters
-    stage: int = 3
+    stage: int = one_of(0, 1, 2, 3, default=3)
     offload_optimizer: bool = False  # optimizer states in CPU memory (ZeRO-2/3): less GPU memory, slower steps
     offload_param: bool = False  # parameters in CPU memory (ZeRO-3 only)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = one_of("auto", "fp32", "bf16", "fp16", default="auto")  # auto: bf16 on GPU, fp32 on CPU
     overlap_comm: Optional[bool] = None  # None: derived (on for GPU)
     # copy gradients into one contiguous buffer as they are produced (less fragmentation)
     contiguous_gradients: bool = True
@@ -134,14 +167,14 @@ class DeepSpeedConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw (torch), fused_adam / cpu_adam (DeepSpeed ops)
+    name: str = one_of("adamw", "fused_adam", "cpu_adam", default="adamw")  # adamw: torch's; the others: DeepSpeed's
     fused: bool = True  # adamw: torch's single-kernel AdamW (CPU and CUDA); false: the foreach one
     lr: float = 2e-4  # peak learning rate (after warmup): full fine-tuning ~1e-5, LoRA ~1e-4 to 3e-4
     weight_decay: float = 0.0  # decoupled (AdamW) weight decay
     beta1: float = 0.9  # Adam's first-moment decay
     beta2: float = 0.999  # Adam's second-moment decay
     eps: float = 1e-8  # Adam's denominator epsilon
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: str = one_of("cosine", "linear", "constant", default="cosine")  # the lr schedule after warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to optim.lr
     min_lr_ratio: float = 0.1  # cosine/linear decay ends at optim.lr x this
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0: no clipping
@@ -170,7 +203,8 @@ class EvalConfig:
     # prompts answered greedily before and after training (shown in the report)
     prompts: List[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # more prompts, one per line (added after `prompts`)
-    prompt_style: str = "auto"  # auto (chat when the train data is chat) | chat | text (plain continuation)
+    # auto: chat when the train data is chat; text: plain continuation
+    prompt_style: str = one_of("auto", "chat", "text", default="auto")  # auto: chat when the train data is chat
     max_new_tokens: int = 32  # tokens generated per eval prompt
     retention_threshold: float = 0.05  # flag when general eval loss worsens by more than this
 
@@ -209,11 +243,14 @@ class SlurmConfig:
     job_name: Optional[str] = None  # default: run.name
     python: Optional[str] = None  # interpreter on the compute nodes; default: the one running shardtune
     preflight: bool = True  # run preflight for the job's GPUs before submitting
+    # memory of one of the job's GPUs, e.g. 80GB: lets preflight judge a GPU job from a login node without GPUs
+    gpu_memory: Optional[str] = None
 
 
 @dataclass
 class ClusterConfig:
-    backend: str = "local"  # local | slurm | hostfile
+    # where the ranks run: this machine, a Slurm job, or cluster.hostfile's hosts
+    backend: str = one_of("local", "slurm", "hostfile", default="local")
     nnodes: int = 1  # nodes of the job
     nproc_per_node: int = 2  # ranks per node (one per GPU; on CPU, processes)
     node_rank: int = 0  # this node's rank (cluster=hostfile with no_ssh: set on each node)
@@ -221,13 +258,15 @@ class ClusterConfig:
     master_port: Optional[int] = None  # None: a free port (local) or derived from the job id (slurm)
     hostfile: Optional[str] = None  # cluster=hostfile: "host slots=N" lines, as for the deepspeed launcher
     no_ssh: bool = False  # cluster=hostfile: run the same command on every node with its cluster.node_rank
-    ssh_launcher: str = "pdsh"  # cluster=hostfile over ssh: the deepspeed launcher's --launcher (pdsh | openmpi | mvapich)
+    # cluster=hostfile over ssh: the deepspeed launcher's --launcher
+    # cluster=hostfile over ssh: the deepspeed launcher's --launcher
+    ssh_launcher: str = one_of("pdsh", "openmpi", "mvapich", "mpich", "impi", default="pdsh")
     ssh_port: Optional[int] = None  # cluster=hostfile over ssh: sshd's port on the hosts; None: ssh's default
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = one_of("auto", "cpu", "cuda", default="auto")  # auto: CUDA when this machine has it
     threads_per_rank: Optional[int] = None  # OMP_NUM_THREADS; None: cores / ranks on the node
     # auto (CPU: tcmalloc, else jemalloc, when installed; else glibc) | tcmalloc | jemalloc | glibc:
     # preloaded into every rank (trainer/allocator.py); measured trade-offs in docs/performance.md
-    allocator: str = "auto"
+    allocator: str = one_of("auto", "jemalloc", "tcmalloc", "glibc", default="auto")
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
     heartbeat_timeout_s: int = 120  # a rank silent this long is named as hung and the job ends
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
@@ -250,9 +289,12 @@ class LoggerConfig:
     WANDB_PROJECT, ..., MLFLOW_TRACKING_URI) applies to every value left unset (None); a value set
     here wins over it (trainer/metrics.py)."""
     backends: List[str] = field(default_factory=list)  # each one of: wandb | tensorboard | mlflow
-    backend: str = "none"  # wandb | none: one tracker, as before `backends`; added to them when not none
-    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online if logged in, else offline
-    project: Optional[str] = None  # W&B project, MLflow experiment; None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "shardtune"
+    # one tracker, as before `backends`; added to them when not none
+    backend: str = one_of("wandb", "none", default="none")
+    # W&B; None: WANDB_MODE, else online if logged in, else offline
+    mode: Optional[str] = one_of("online", "offline", "disabled", None, default=None)
+    # W&B project, MLflow experiment; None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "shardtune"
+    project: Optional[str] = None
     # MLflow: None: MLFLOW_TRACKING_URI, else a file store in <run.dir>/mlruns
     mlflow_tracking_uri: Optional[str] = None
     mlflow_log_model: bool = True  # MLflow: the run's export/ folder as an artifact at the end
@@ -271,7 +313,8 @@ class LoggerConfig:
 class RunConfig:
     dir: str = MISSING  # the run directory: config, checkpoints, metrics, exports; the same dir again resumes
     name: str = MISSING  # the run's name (W&B and reports); default: the timestamp of run.dir
-    launch: str = "spawn"  # spawn | print (write the run dir, print the worker commands) | dry_run
+    # print: write the run dir and print the worker commands; dry_run: print the command, start nothing
+    launch: str = one_of("spawn", "print", "dry_run", default="spawn")
     # what an Optuna sweep minimises: a key of metrics.jsonl, its last value (eval_loss, loss, general_loss)
     sweep_metric: str = "eval_loss"
 

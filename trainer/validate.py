@@ -10,34 +10,9 @@ import os
 from pathlib import Path
 from typing import List
 
-from trainer.config import ConfigError, RootConfig
+from trainer.config import ConfigError, RootConfig, schema_choices
 
-CHOICES = {
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attn_implementation": ("sdpa", "eager", "flex_attention", "flash_attention_2"),
-    "model.activation_checkpointing": ("none", "full", "selective"),
-    "data.format": ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "kto"),
-    "objective.name": ("sft", "dpo", "simpo", "kto"),
-    "objective.loss_type": ("sigmoid", "ipo", "robust"),
-    "objective.reference": ("auto", "adapters_off", "precomputed", "none"),
-    "data.loss_on": ("assistant", "all", "last_turn"),
-    "data.length_policy": ("truncate", "drop"),
-    "data.pad_to": ("auto", "longest", "max_seq_len"),
-    "data.on_error": ("strict", "skip"),
-    "peft.method": ("none", "lora", "dora", "ia3", "prefix_tuning"),
-    "deepspeed.stage": (0, 1, 2, 3),
-    "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
-    "optim.name": ("adamw", "fused_adam", "cpu_adam"),
-    "optim.scheduler": ("cosine", "linear", "constant"),
-    "cluster.backend": ("local", "slurm", "hostfile"),
-    "cluster.device": ("auto", "cpu", "cuda"),
-    "cluster.allocator": ("auto", "jemalloc", "tcmalloc", "glibc"),
-    "logger.backend": ("wandb", "none"),
-    "logger.mode": ("online", "offline", "disabled", None),  # None: W&B's environment decides (WandbSink)
-    "run.launch": ("spawn", "print", "dry_run"),
-    "cluster.ssh_launcher": ("pdsh", "openmpi", "mvapich", "mpich", "impi"),
-    "eval.prompt_style": ("auto", "chat", "text"),
-}
+CHOICES = schema_choices()  # every setting declared with one_of (trainer/config.py): its valid values
 
 
 def _get(cfg: RootConfig, dotted: str):

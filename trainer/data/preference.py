@@ -31,8 +31,8 @@ from trainer.config import DataConfig
 from trainer.data import dataset as sft_dataset
 from trainer.data import formats, sources
 from trainer.data.collate import collate
-from trainer.data.errors import UNSKIPPABLE, DataError
-from trainer.data.prepare import CHUNK, _chunks, _pool, _records_with_format, _worker_state
+from trainer.data.errors import DataError
+from trainer.data.prepare import _records_with_format, _worker_state, processed
 from trainer.data.render import IGNORE, chat_spans, check_messages, tokenize
 from trainer.data.store import StoreWriter
 
@@ -202,26 +202,13 @@ def tokenize_preference_source(source: sources.Source, tokenizer, cfg: DataConfi
     _worker_state.update(tokenizer=tokenizer, cfg=cfg, kind=kind)
     writer = StoreWriter(folder)
     skipped, cuts, labels = Counter(), Counter(), []
-    pool = _pool(cfg.num_proc)
-    chunks = _chunks(_records_with_format(source, cfg), CHUNK)
-    try:
-        for chunk_results in (pool.imap(process_preference_chunk, chunks) if pool
-                              else map(process_preference_chunk, chunks)):
-            for result in chunk_results:
-                if isinstance(result, DataError):
-                    if cfg.on_error == "strict" or result.reason in UNSKIPPABLE:
-                        raise result
-                    skipped[result.reason] += 1
-                    continue
-                sequences, label, record_cuts = result
-                for ids, trained in sequences:
-                    writer.add(ids, trained)
-                cuts.update(record_cuts)
-                if label is not None:
-                    labels.append(label)
-    finally:
-        if pool:
-            pool.terminate()
+    records = _records_with_format(source, cfg)
+    for sequences, label, record_cuts in processed(process_preference_chunk, records, cfg, skipped):
+        for ids, trained in sequences:
+            writer.add(ids, trained)
+        cuts.update(record_cuts)
+        if label is not None:
+            labels.append(label)
     if kind == KTO:
         np.save(folder / "labels.npy", np.asarray(labels, dtype=np.uint8))
     meta = {"source": str(source), "kind": kind, "documents": len(writer.offsets) - 1, "tokens": writer.offsets[-1],

@@ -9,7 +9,7 @@ import os
 from collections import Counter
 from itertools import islice
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -104,10 +104,25 @@ def tokenize_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: 
         records = _prepend(first, records)
     writer = StoreWriter(folder)
     counts, skipped = Counter(), Counter()
+    for ids, trained, outcome in processed(process_chunk, records, cfg, skipped):
+        counts[outcome] += 1
+        if ids is not None:
+            writer.add(ids, trained)
+    meta = {"source": str(source), "documents": len(writer.offsets) - 1, "tokens": writer.offsets[-1],
+            "skipped": dict(skipped), "truncated": counts["truncated"],
+            "dropped": {k: counts[k] for k in ("dropped_too_long", "dropped_no_trained_token_left") if counts[k]}}
+    writer.close(meta)
+    return meta
+
+
+def processed(process: Callable[[list], list], records: Iterator, cfg: DataConfig, skipped: Counter) -> Iterator:
+    """`process` (one chunk of records -> their results) over `records`, in cfg.num_proc workers, results
+    in record order. A bad record (a DataError result) stops everything in strict mode, or when it cannot
+    be skipped; otherwise it is counted by reason in `skipped`."""
     pool = _pool(cfg.num_proc)
+    chunks = _chunks(records, CHUNK)
     try:
-        results = pool.imap(process_chunk, _chunks(records, CHUNK)) if pool else map(process_chunk, _chunks(records, CHUNK))
-        for chunk_results in results:
+        for chunk_results in (pool.imap(process, chunks) if pool else map(process, chunks)):
             for result in chunk_results:
                 if isinstance(result, DataError):
                     # A damaged archive loses the rest of its file, not one record: never skipped.
@@ -115,18 +130,10 @@ def tokenize_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: 
                         raise result
                     skipped[result.reason] += 1
                     continue
-                ids, trained, outcome = result
-                counts[outcome] += 1
-                if ids is not None:
-                    writer.add(ids, trained)
+                yield result
     finally:
         if pool:
             pool.terminate()
-    meta = {"source": str(source), "documents": len(writer.offsets) - 1, "tokens": writer.offsets[-1],
-            "skipped": dict(skipped), "truncated": counts["truncated"],
-            "dropped": {k: counts[k] for k in ("dropped_too_long", "dropped_no_trained_token_left") if counts[k]}}
-    writer.close(meta)
-    return meta
 
 
 def _prepend(first, rest):
