@@ -49,8 +49,9 @@ def _run(argv: List[str], env: Dict[str, str]) -> None:
         raise RuntimeError(f"{' '.join(argv[:6])} ... exited {proc.returncode}:\n{proc.stdout[-4000:]}")
 
 
-def run_ours(run_dir: Path, overrides: List[str], steps: int, env: Dict[str, str]) -> None:
-    _run([sys.executable, "-m", "launcher.cli", "train", f"run.dir={run_dir}", "resume=never",
+def run_ours(run_dir: Path, flags: List[str], overrides: List[str], steps: int, env: Dict[str, str]) -> None:
+    """`flags`: Hydra's --config-dir/--config-name, before every override (Hydra takes none after one)."""
+    _run([sys.executable, "-m", "launcher.cli", "train", *flags, f"run.dir={run_dir}", "resume=never",
           *overrides, *BENCH_OVERRIDES, f"train.max_steps={steps}"], env)
 
 
@@ -163,9 +164,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ours = base / f"ours-{r}"
         started = time.time()
         overrides = [o for o in args.overrides if not o.startswith("run.dir=")]  # each round has its own dir
-        overrides = [*(arg for d in args.config_dirs for arg in ("--config-dir", str(Path(d).expanduser().resolve()))),
-                     "--config-name", args.config_name, *overrides]
-        run_ours(ours, overrides + [f"cluster.threads_per_rank={threads}"], total_steps, env)
+        flags = [*(arg for d in args.config_dirs for arg in ("--config-dir", str(Path(d).expanduser().resolve()))),
+                 "--config-name", args.config_name]
+        run_ours(ours, flags, overrides + [f"cluster.threads_per_rank={threads}"], total_steps, env)
         entry = {"ours_dir": str(ours), "ours_wall_s": time.time() - started}
         if args.vs == "hf":
             if "DS_ACCELERATOR" not in env and not _has_cuda():
