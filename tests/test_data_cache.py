@@ -106,3 +106,52 @@ def test_a_preparation_that_loses_the_race_to_another_uses_the_winners_entry(tmp
     folder, hit = get_or_prepare(root, "k", prepare_while_another_finishes)
     assert hit and json.loads((folder / "meta.json").read_text()) == {"by": "the other"}
     assert sorted(p.name for p in root.iterdir()) == ["k"]  # our copy and the lock are gone
+
+
+# ---------------------------------------------------------------- a preparer on another node (a lease)
+def _as_node(name: str, target, *args):
+    """Run `target` as if on host `name` (the lock names its holder's host)."""
+    from trainer.data import cache
+
+    cache.socket.gethostname = lambda: name
+    target(*args)
+
+
+def _prepare_forever(root, started):
+    def prepare(folder):
+        started.set()
+        time.sleep(600)  # killed while holding the lock, renewing its lease
+    get_or_prepare(root, "k", prepare, poll_s=0.05, lease_s=(0.1, 1.0))
+
+
+def _prepare_quickly(root, marker):
+    def prepare(folder):
+        folder.mkdir()
+        (folder / "meta.json").write_text("{}")
+        marker.write_text("taken over\n")
+    get_or_prepare(root, "k", prepare, poll_s=0.05, lease_s=(0.1, 1.0))
+
+
+def test_a_preparer_killed_on_another_node_is_taken_over_once_its_lease_expires(tmp_path):
+    """Node A dies (kill -9) while preparing; node B, waiting on the shared cache, cannot see A's pid:
+    it takes over once A's lock has not been renewed for the lease (1 s here, 120 s by default)."""
+    import os
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    started, marker = ctx.Event(), tmp_path / "marker"
+    node_a = ctx.Process(target=_as_node, args=("node-a", _prepare_forever, tmp_path / "c", started))
+    node_a.start()
+    assert started.wait(30)
+    node_b = ctx.Process(target=_as_node, args=("node-b", _prepare_quickly, tmp_path / "c", marker))
+    node_b.start()
+    time.sleep(1.5)  # A renews its lease meanwhile: B must still be waiting
+    assert not marker.exists(), "node B took over a lock whose holder was alive"
+    killed_at = time.monotonic()
+    os.kill(node_a.pid, signal.SIGKILL)
+    node_b.join(30)
+    taken_after = time.monotonic() - killed_at
+    print(f"node B took over {taken_after:.2f}s after node A was killed (lease 1 s)")
+    assert node_b.exitcode == 0 and marker.read_text() == "taken over\n"
+    assert 1.0 <= taken_after < 10 and (tmp_path / "c" / "k" / "meta.json").is_file()
+    assert not (tmp_path / "c" / "k.lock").exists()
