@@ -23,6 +23,7 @@ from trainer.gguf_export import SUPPORTED as GGUF_SUPPORTED
 from trainer.gguf_export import GGUFExportError
 from trainer.peft_methods import vllm_problem
 from trainer.run_dir import RunDir
+from trainer.train_state import TrainState
 
 PROBE_TEXT = "The capital of France is Paris. Water boils at 100 degrees Celsius at sea level."
 MERGE_TOLERANCE = 1e-4  # max |logit difference|, merged vs base + adapter, in fp32
@@ -68,7 +69,7 @@ def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
                              "checkpoint.save_final=true when training)")
         return folder
     folder = root / checkpoint.tag_for(step)
-    problem = checkpoint.verify(folder)
+    problem = checkpoint.verify(folder, deep=False)  # content: checkpoint_tensors
     if problem:
         have = ", ".join(str(int(t.split("-")[1])) for t in checkpoint.committed_tags(root)) or "none"
         raise SystemExit(f"--step {step}: {problem}; committed steps: {have}")
@@ -79,11 +80,13 @@ def checkpoint_tensors(folder: Path, stage: int) -> Dict[str, object]:
     """name -> tensor (ZeRO-0) or a lazy tensor that `.contiguous()` assembles (ZeRO 1-3)."""
     from trainer.checkpoint import preverify_loadable, safe_load
 
+    # Every file against its checksum, every pickle safe-loaded: DeepSpeed's reader unpickles with
+    # weights_only=False, so bad files are refused before it opens them.
+    preverify_loadable(folder)
     if stage == 0:
         return dict(safe_load(folder / "mp_rank_00_model_states.pt", map_location="cpu")["module"])
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    preverify_loadable(folder)  # DeepSpeed's reader unpickles with weights_only=False: refuse bad files first
     return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name, lazy_mode=True)
 
 
@@ -125,16 +128,33 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
 
 
-def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, merge: bool) -> dict:
+def load_into(model, tensors, saved_base: Optional[dict]) -> None:
+    """The checkpoint's tensors into the rebuilt model. An adapter checkpoint (`saved_base` set) lacks
+    the frozen base weights, which the model already holds from its source: exactly those may be missing."""
+    result = model.load_state_dict(materialize(tensors, torch.float32), strict=saved_base is None)
+    frozen = {name for name, param in model.named_parameters(remove_duplicate=False)  # a tied head too
+              if not param.requires_grad}
+    unexplained = sorted(set(result.missing_keys) - frozen) + sorted(result.unexpected_keys)
+    if unexplained:
+        raise SystemExit(f"[export] the checkpoint does not fit the model this run builds: missing or unexpected "
+                         f"{unexplained[:8]}")
+
+
+def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, merge: bool,
+                saved_base: Optional[dict] = None) -> dict:
     """Rebuild the peft model on CPU, load the checkpoint into it, write the adapter or merged model."""
-    from trainer.model import build_model, build_tokenizer, model_dir
+    from trainer.model import base_problem, base_record, build_model, build_tokenizer, model_dir
 
     if merge and cfg.peft.method == "prefix_tuning":
         raise SystemExit("--merge: prefix tuning adds key/value prefixes, not weight deltas, so it cannot be "
                          "merged; export the adapter (without --merge)")
+    if saved_base is not None:
+        problem = base_problem(saved_base, base_record(cfg.model, cfg.seed), "the checkpoint")
+        if problem:
+            raise SystemExit(f"[export] {problem}")
     model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}},
                         device=torch.device("cpu"), seed=cfg.seed)
-    model.load_state_dict(materialize(tensors, torch.float32), strict=True)
+    load_into(model, tensors, saved_base)
     model.eval()
     tokenizer = build_tokenizer(cfg.model)
     facts: dict = {}
@@ -154,7 +174,7 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
 
     base_path = base_model_reference(cfg.model.name_or_path, model_dir(cfg.model))
     model.peft_config["default"].base_model_name_or_path = base_path
-    if cfg.model.name_or_path.startswith("builtin:"):  # random base weights exist only in the checkpoint
+    if cfg.model.name_or_path.startswith("builtin:"):  # no published base to point at: write it beside
         base_path = str(out / "base")
         model.peft_config["default"].base_model_name_or_path = base_path
         model.save_pretrained(out)
@@ -171,8 +191,6 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
 def saved_zero_stage(run_dir: Path, folder: Path) -> int:
     """The ZeRO stage the checkpoint's shards were written with: its own record (the run's current
     ds_config.json may belong to a later launch on another stage); older checkpoints lack it."""
-    from trainer.train_state import TrainState
-
     stage = TrainState.read(folder).zero_stage if TrainState.exists(folder) else None
     return stage if stage is not None else RunDir(run_dir).read_ds_config()["zero_optimization"]["stage"]
 
@@ -246,7 +264,8 @@ def export_run(run_dir: Path, out: Path, step: Optional[int] = None, merge: bool
         export_full(cfg, tensors, out, torch_dtype, max_bytes)
         facts = {"merged": False}
     else:
-        facts = export_peft(cfg, tensors, out, torch_dtype, max_bytes, merge)
+        facts = export_peft(cfg, tensors, out, torch_dtype, max_bytes, merge,
+                            TrainState.read(folder).base if TrainState.exists(folder) else None)
         facts["vllm_problem"] = None if facts.get("merged") else vllm_problem(cfg.peft)
         if facts["vllm_problem"]:
             print(f"[export] warning: vLLM cannot serve this adapter: {facts['vllm_problem']}. Export with --merge "

@@ -41,7 +41,7 @@ def resume_checkpoint(cfg: RootConfig) -> Optional[Path]:
         return None
     if cfg.resume != "auto":
         folder = Path(cfg.resume).expanduser().resolve()
-        problem = checkpoint.verify(folder)
+        problem = checkpoint.verify(folder, deep=False)  # content: by the ranks as they load it
         if problem:
             raise ConfigError([f"resume={cfg.resume}: {problem}; give a checkpoint folder "
                                "(<run.dir>/checkpoints/step-NNNNNNNN), resume=auto or resume=never"])

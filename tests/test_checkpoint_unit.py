@@ -50,19 +50,23 @@ def test_committed_checkpoint_verifies_and_is_chosen(tmp_path):
     assert resume_choice(tmp_path) == ("step-00000004", [])
 
 
+def flip_one_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damage, expected", [
-    ("truncate", "size"), ("flip", "checksum mismatch"), ("missing", "missing"), ("manifest", "unreadable manifest"),
+    ("truncate", "size"), ("missing", "missing"), ("manifest", "unreadable manifest"),
 ])
 def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, damage, expected):
+    """What the launcher judges from the manifest alone (no file content read): a cut file, a missing
+    one, a broken manifest. Content is the ranks' to check as they load (the next tests)."""
     write_checkpoint(tmp_path, 2)
     folder = write_checkpoint(tmp_path, 4)
     shard = folder / SHARDS[1]
     if damage == "truncate":
         shard.write_bytes(shard.read_bytes()[:-10])
-    elif damage == "flip":
-        data = bytearray(shard.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        shard.write_bytes(bytes(data))
     elif damage == "missing":
         shard.unlink()
     else:
@@ -72,6 +76,50 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, damage, expect
     assert any(expected in m and "step-00000004" in m for m in messages), messages
     if damage != "manifest":
         assert any(SHARDS[1] in m for m in messages), messages  # the error names the file
+
+
+def test_a_flipped_bit_is_found_by_the_rank_that_checks_that_file(tmp_path):
+    """Each rank checks its own stripe of the files against the manifest as it loads: the file is named
+    by the rank whose stripe holds it, and by no other."""
+    folder = write_checkpoint(tmp_path, 4)
+    flip_one_bit(folder / SHARDS[1])
+    files = sorted(p.name for p in folder.iterdir() if p.name != checkpoint.MANIFEST)
+    owner = files.index(SHARDS[1]) % 2
+    with pytest.raises(CheckpointError, match=f"{SHARDS[1]}: checksum mismatch"):
+        checkpoint.preverify_loadable(folder, rank=owner, world_size=2)
+    checkpoint.preverify_loadable(folder, rank=1 - owner, world_size=2)  # the other half is intact
+
+
+def test_shardtune_verify_names_the_damaged_checkpoint_and_the_intact_one(tmp_path, capsys):
+    from launcher.verify_cmd import main
+
+    run_dir = tmp_path / "run"
+    write_checkpoint(run_dir / "checkpoints", 2)
+    assert main([str(run_dir)]) == 0
+    flip_one_bit(write_checkpoint(run_dir / "checkpoints", 4) / SHARDS[1])
+    assert main([str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"step-00000004: BAD: {run_dir}/checkpoints/step-00000004/{SHARDS[1]}: checksum mismatch" in out, out
+    assert "step-00000002: ok" in out and "resume=" in out and out.rstrip().endswith("step-00000002"), out
+
+
+def test_files_hashed_while_written_match_their_content(tmp_path):
+    """The save hashes each file as torch.save writes it (no read back); the manifest takes those."""
+    import hashlib
+
+    records = {}
+    for zipfile in (True, False):  # DeepSpeed's checkpoint.use_zipfile_serialization (legacy: False)
+        path = tmp_path / f"shard-{zipfile}.pt"
+        weights = torch.randn(300, 7)
+        checkpoint.save_recorded({"w": weights, "step": 3}, path, records, tmp_path, zipfile=zipfile)
+        assert records[path.name] == {"size": path.stat().st_size,
+                                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        assert torch.equal(checkpoint.safe_load(path)["w"], weights)
+    checkpoint.write_manifest(tmp_path, known=records)
+    assert checkpoint.verify(tmp_path, deep=True) is None
+    records[next(iter(records))]["size"] += 1  # a record the disk contradicts is refused, not written
+    with pytest.raises(CheckpointError, match="bytes on disk"):
+        checkpoint.write_manifest(tmp_path, known=records)
 
 
 @pytest.mark.parametrize("latest", ["", "step-00000099", "dangling-link"])

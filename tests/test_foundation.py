@@ -180,3 +180,66 @@ def test_full_fine_tuning_resumes_in_train_mode(tmp_path):
     diff = max(abs(a - b) for a, b in zip(losses(tmp_path / "reference"), losses(run_dir)))
     print(f"dropout model, largest loss difference resumed vs uninterrupted: {diff:.2e}")
     assert len(losses(run_dir)) == STEPS and diff <= 1e-5
+
+
+# ---------------------------------------------------------------- adapter-sized checkpoints
+def _checkpoint_mib(folder):
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+@pytest.mark.parametrize("name", ["zero2_lora", "zero3_lora"])
+def test_an_adapter_checkpoint_holds_the_adapter_and_not_the_frozen_base(runs, name):
+    """A LoRA checkpoint held the whole frozen base (SmolLM2-135M: 539 of 571 MiB; an 8B base ~16 GB per
+    save). Now its module states hold the adapter's tensors only, no rank saves frozen fragments, and
+    the train state records the base that a resume reloads."""
+    from trainer.checkpoint import safe_load
+
+    folder = runs[name] / "checkpoints" / f"step-{STEPS:08d}"
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["base"]["model"] == "builtin:tiny-llama" and state["base"]["files"], state["base"]
+    for path in folder.glob("*model_states.pt"):
+        saved = safe_load(path, map_location="cpu")
+        kept = [key for key in saved["module"] if "lora_" not in key]  # lm_head.weight (tied) included
+        assert not kept, f"{path.name} holds frozen weights: {kept[:5]}"
+        assert not saved.get("frozen_param_fragments"), f"{path.name} holds frozen fragments"
+    full = runs[name.removesuffix("_lora")] / "checkpoints" / f"step-{STEPS:08d}"
+    print(f"{name}: checkpoint {_checkpoint_mib(folder):.2f} MiB (full fine-tuning of the same model: "
+          f"{_checkpoint_mib(full):.2f} MiB)")
+
+
+def test_an_adapter_checkpoint_resumes_on_another_world_size(tmp_path):
+    """2 ranks stopped at step 3 -> 1 rank from the adapter-only checkpoint (through a universal one):
+    the base comes from the model source, the adapter and its moments from the checkpoint. LoRA's
+    dropout is off: its masks are drawn per rank, so they differ on another world size."""
+    lora = [*COMMON, "deepspeed=zero2", "peft=lora", "peft.dropout=0", "train.micro_batch_size=2"]
+    reference = train(tmp_path / "uninterrupted", *lora, "cluster.nproc_per_node=2")
+    assert reference.returncode == 0, reference.stdout[-3000:]
+    run_dir = tmp_path / "two-to-one"
+    assert train(run_dir, *lora, "cluster.nproc_per_node=2", "+train.fault_injection.stop_at_step=3").returncode == 75
+    resumed = train(run_dir, *lora, "cluster.nproc_per_node=1")
+    assert resumed.returncode == 0 and "universal" in resumed.stdout, resumed.stdout[-3000:]
+    diffs = [abs(a - b) for a, b in zip(losses(tmp_path / "uninterrupted"), losses(run_dir))]
+    print(f"LoRA adapter-only checkpoint, 2 ranks -> 1 rank: loss differences {[f'{d:.1e}' for d in diffs]}")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1)) and max(diffs) <= STAGE_TOLERANCE
+
+
+def test_an_adapter_checkpoint_refuses_a_base_that_changed(tmp_path):
+    """The base is not in the checkpoint: resuming onto other weights under the same path (another seed,
+    another fine-tune; same file sizes) would train the adapter on a model it never saw. Refused."""
+    import shutil
+
+    from trainer.builtin_init import materialize
+    from trainer.model import BUILTIN_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(materialize(BUILTIN_DIR / "tiny-llama", 7), model)
+    overrides = [*COMMON, "model=local", f"model.name_or_path={model}", "deepspeed=zero2", "peft=lora",
+                 "cluster.nproc_per_node=1", "train.micro_batch_size=4"]
+    run_dir = tmp_path / "run"
+    assert train(run_dir, *overrides, "+train.fault_injection.stop_at_step=2").returncode == 75
+    other = materialize(BUILTIN_DIR / "tiny-llama", 8)  # same architecture, other weights, same sizes
+    for path in other.glob("*.safetensors"):
+        shutil.copy2(path, model / path.name)
+    proc = train(run_dir, *overrides)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "holds only the adapter" in proc.stdout and "save_frozen_base" in proc.stdout, proc.stdout[-3000:]

@@ -98,6 +98,69 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingFile:
+    """A binary file that hashes what is written through it: a checkpoint file's checksum while it is
+    written, without reading the file back (at 1 TB over 512 ranks, rank 0 alone re-reading every
+    file took ~17 minutes while the other ranks waited)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def save_recorded(obj: Any, path: Path, records: Dict[str, Dict[str, Any]], folder: Path,
+                  zipfile: bool = True) -> None:
+    """torch.save `obj` to `path`, hashing it on the way; `records[name in folder]` = its size and sha256."""
+    with open(path, "wb") as handle:
+        hashing = _HashingFile(handle)
+        torch.save(obj, hashing, _use_new_zipfile_serialization=zipfile)
+        handle.flush()
+        os.fsync(handle.fileno())
+    records[str(Path(path).relative_to(folder))] = {"size": hashing.size, "sha256": hashing.digest.hexdigest()}
+
+
+def frozen_aliases(module) -> List[str]:
+    """State-dict names of frozen parameters that DeepSpeed's exclude_frozen_parameters keeps: a tied
+    output head (lm_head.weight, the frozen input embedding under a second name)."""
+    named = {name for name, _ in module.named_parameters()}
+    return [name for name, param in module.named_parameters(remove_duplicate=False)
+            if not param.requires_grad and name not in named]
+
+
+def record_engine_saves(engine, folder: Path, records: Dict[str, Dict[str, Any]], problems: List[str],
+                        drop_from_module: List[str] = ()) -> bool:
+    """Route DeepSpeed's checkpoint writes through `save_recorded`, checking each state for non-finite
+    values in memory first (no file is read back); `drop_from_module`: module-state keys left out.
+    False when the engine writes through a checkpoint engine of its own (a user's ds_config): its
+    files are then hashed after they are written."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    engine_writer = engine.checkpoint_engine
+    if type(engine_writer) is not TorchCheckpointEngine:
+        return False
+    zipfile = getattr(engine_writer, "zipfile_serialization", True)
+
+    def save(state_dict, path):
+        if drop_from_module and isinstance(state_dict.get("module"), dict):
+            state_dict = {**state_dict, "module": {key: value for key, value in state_dict["module"].items()
+                                                   if key not in drop_from_module}}
+        bad = nonfinite_tensors(state_dict)
+        if bad:
+            problems.append(f"{path}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        save_recorded(state_dict, Path(path), records, folder, zipfile)
+
+    engine_writer.save = save
+    return True
+
+
 def _files_of(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -114,13 +177,15 @@ def safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def safe_load(path, map_location=None) -> Any:
-    """torch.load with weights_only=True and the allowlist; a refused file raises CheckpointError."""
+def safe_load(path, map_location=None, name=None) -> Any:
+    """torch.load with weights_only=True and the allowlist; a refused file raises CheckpointError.
+    `path` may be a file's bytes (io.BytesIO), `name` then the file it came from."""
     with torch.serialization.safe_globals(safe_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:  # UnpicklingError, a truncated zip, ...: all mean "do not trust it"
-            raise CheckpointError(f"{path}: refused by the safe loader (weights_only=True): {_reason(err)}") from None
+            raise CheckpointError(f"{name or path}: refused by the safe loader (weights_only=True): "
+                                  f"{_reason(err)}") from None
 
 
 def _reason(err: Exception) -> str:
@@ -140,11 +205,32 @@ def pickle_files(folder: Path) -> List[Path]:
 
 
 def preverify_loadable(folder: Path, rank: int = 0, world_size: int = 1) -> None:
-    """Safe-load this rank's stripe of every .pt file under `folder` (DeepSpeed's own universal-checkpoint
-    and ds_to_universal readers bypass the engine's loader, so nothing may reach them unchecked)."""
-    for index, path in enumerate(pickle_files(folder)):
-        if index % world_size == rank:
-            safe_load(path, map_location="cpu")
+    """Check this rank's stripe of `folder`'s files: content against the manifest's checksum, and every
+    .pt file safe-loaded (DeepSpeed's own universal-checkpoint and ds_to_universal readers bypass the
+    engine's loader, so nothing may reach them unchecked). One read per file; the ranks share the work,
+    so a 1 TB checkpoint on 512 ranks costs each ~2 GB, not one process the whole terabyte."""
+    import io
+
+    listed = _manifest_files(folder)
+    for index, path in enumerate(sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)):
+        if index % world_size != rank:
+            continue
+        data = path.read_bytes()
+        meta = listed.get(str(path.relative_to(folder)))
+        if meta is not None and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted since it was saved); `shardtune verify "
+                                  f"{Path(folder).parent.parent}` checks every checkpoint, and resume=<an earlier "
+                                  "one> resumes from it")
+        if path.suffix == ".pt":
+            safe_load(io.BytesIO(data), map_location="cpu", name=path)
+
+
+def _manifest_files(folder: Path) -> Dict[str, Dict[str, Any]]:
+    """The manifest's records, {} when there is none (a folder being written; checked by `verify`)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def nonfinite_tensors(obj: Any, prefix: str = "") -> List[str]:
@@ -170,8 +256,21 @@ def check_finite_files(paths: List[Path]) -> Optional[str]:
     return None
 
 
-def write_manifest(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_of(folder)}
+def write_manifest(folder: Path, known: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+    """MANIFEST.json for every file in `folder`: `known` records (hashed as they were written) are taken
+    as they are once the file's size agrees; the others (small: the loop state, DeepSpeed's scripts)
+    are hashed here."""
+    known = known or {}
+    files = {}
+    for path in _files_of(folder):
+        name, size = str(path.relative_to(folder)), path.stat().st_size
+        if name in known and known[name]["size"] != size:
+            raise CheckpointError(f"{path}: {size} bytes on disk, {known[name]['size']} written (another writer?)")
+        files[name] = known.get(name) or {"size": size, "sha256": _sha256(path)}
+    missing = sorted(set(known) - set(files))
+    if missing:
+        raise CheckpointError(f"{folder}: written by a rank but not visible here: {missing[:5]} (is the run "
+                              "directory on a filesystem every node shares?)")
     write_atomic(folder / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
@@ -220,9 +319,11 @@ def find_resume_checkpoint(root: Path, log=print) -> Optional[Path]:
     candidates = committed_tags(root)
     _report_latest(root / LATEST, candidates, log)
     for folder in sorted(p for p in root.glob(TAG_PREFIX + "*") if p.is_dir() and p.name not in candidates):
-        log(f"skipping checkpoint {folder.name}: {verify(folder)}")
+        log(f"skipping checkpoint {folder.name}: {verify(folder, deep=False)}")
     for tag in candidates:
-        problem = verify(root / tag)
+        # Sizes against the manifest here; content is checked by the ranks as they load, each its share
+        # (preverify_loadable), and in full by `shardtune verify`.
+        problem = verify(root / tag, deep=False)
         if problem is None:
             return root / tag
         log(f"skipping checkpoint {tag}: {problem}")
@@ -285,6 +386,14 @@ def layout_problem(saved: Dict[str, Any], cfg, folder: Path) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- save and load
+def holds_frozen_base(cfg) -> bool:
+    """Whether this run's checkpoints hold the frozen base weights. An adapter's do not (a LoRA
+    checkpoint of an 8B base would otherwise rewrite 16 GB of unchanged weights at every save): its
+    base is reloaded from the model source. A random init made on the device (model.random_init)
+    is not reproducible on another world size or stage, so its checkpoints keep it."""
+    return cfg.peft.method == "none" or cfg.checkpoint.save_frozen_base or cfg.model.random_init
+
+
 def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: int,
          check_finite: bool = True) -> Path:
     """Write a checkpoint for `state.step` on every rank, commit it on rank 0, then rotate old ones.
@@ -307,20 +416,29 @@ def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: in
             problem = space_problem(root, folder.name, keep_last=keep_last)
     if _any_rank_failed(problem is not None, info):  # every rank stops here together, nothing written
         raise CheckpointError(problem or "rank 0 found too little disk space for the checkpoint")
+    records: Dict[str, Dict[str, Any]] = {}  # this rank's files: size and sha256, taken while writing
+    nonfinite: List[str] = []
+    adapter_only = state.base is not None
+    recorded = record_engine_saves(engine, folder, records, nonfinite,
+                                   frozen_aliases(engine.module) if adapter_only else [])
     try:
         # The train state goes in trainer_state.json alone (below), not also in DeepSpeed's client_state.
-        engine.save_checkpoint(str(root), tag=folder.name, save_latest=False)
-        torch.save(rng_state(), folder / f"rng_rank{info.rank}.pt")
+        # `state.base` set: an adapter checkpoint, without the frozen base (reloaded from its source).
+        engine.save_checkpoint(str(root), tag=folder.name, save_latest=False,
+                               exclude_frozen_parameters=adapter_only)
+        save_recorded(rng_state(), folder / f"rng_rank{info.rank}.pt", records, folder)
     except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
         raise CheckpointError(write_failure(root, folder.name, err)) from err
-    barrier()  # every rank's shards are on disk
-    problem = check_finite_files(own_files(folder, info.rank)) if check_finite else None
-    if _any_rank_failed(problem is not None, info):
+    if check_finite and not recorded:  # a checkpoint engine of the user's: read its files back
+        nonfinite = [problem for problem in [check_finite_files(own_files(folder, info.rank))] if problem]
+    problem = nonfinite[0] if check_finite and nonfinite else None
+    if _any_rank_failed(problem is not None, info):  # also the barrier: every rank's shards are on disk
         raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
+    every_rank = _gather_records(records, info)
     if info.is_main:
         state = replace(state, zero_stage=int(engine.zero_optimization_stage()))
         write_atomic(folder / STATE, state.to_json())
-        write_manifest(folder)
+        write_manifest(folder, every_rank)
         write_atomic(root / LATEST, folder.name)
         rotate(root, keep_last)
     barrier()
@@ -403,6 +521,17 @@ def _writer_rank(name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _gather_records(records: Dict[str, Dict[str, Any]], info: DistInfo) -> Dict[str, Dict[str, Any]]:
+    """Every rank's file records on rank 0 (a few hundred bytes per rank); {} elsewhere."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or info.world_size == 1:
+        return records
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(records, gathered, dst=0)
+    return {name: meta for part in gathered or [] for name, meta in part.items()}
+
+
 def _any_rank_failed(failed: bool, info: DistInfo) -> bool:
     import torch.distributed as dist
 
@@ -431,25 +560,30 @@ def rotate(root: Path, keep_last: int) -> None:
             shutil.rmtree(root / "universal" / tag, ignore_errors=True)
 
 
-def load(engine, folder: Path, info: DistInfo) -> TrainState:
+def load(engine, folder: Path, info: DistInfo, base_now: Dict[str, Any]) -> TrainState:
     """Restore engine, optimizer, scheduler and RNGs from `folder`; return the loop state.
 
     Every rank first safe-loads its stripe of the folder's files, and all ranks agree on the result
-    before DeepSpeed opens anything.
+    before DeepSpeed opens anything. An adapter checkpoint (no frozen base in it) loads only onto
+    the base it was trained on (`base_now`: model.base_record of the model just built).
     """
-    problem = None
+    from trainer.model import base_problem
+
+    state = read_state(folder)
+    problem = base_problem(state.base, base_now, f"checkpoint {folder}") if state.base is not None else None
     try:
         preverify_loadable(folder, info.rank, info.world_size)
     except CheckpointError as err:
-        problem = str(err)
+        problem = problem or str(err)
     if _any_rank_failed(problem is not None, info):
         raise CheckpointError(problem or f"{folder}: another rank refused a file of this checkpoint (see its log)")
     install_safe_loading(engine)
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+    # Without the frozen base the module's saved state lacks those keys: the loaded base keeps them.
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=state.base is None,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {folder}")
     rng_file = folder / f"rng_rank{info.rank}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved: the new ranks keep the seed
         set_rng_state(safe_load(rng_file))
-    return read_state(folder)
+    return state

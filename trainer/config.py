@@ -215,6 +215,10 @@ class CheckpointConfig:
     keep_last: int = 2  # checkpoints kept (older ones are removed after a newer one is committed)
     save_final: bool = True  # checkpoint at the last step
     export_final: bool = True  # write an HF model / adapter to <run.dir>/export at the end
+    # With an adapter (peft.method other than none), whether each checkpoint also holds the frozen base
+    # weights. false: adapter-sized checkpoints; a resume reloads the base from model.name_or_path and
+    # refuses one whose weight files changed. true: self-contained checkpoints (the base may vanish).
+    save_frozen_base: bool = False
 
 
 @dataclass

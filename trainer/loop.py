@@ -51,6 +51,8 @@ class TrainContext:
     timer: Any = None  # trainer.timing.PhaseTimer when train.timing=true (shardtune bench)
     faults: Faults = field(default_factory=lambda: Faults({}, 0))  # train.fault_injection (tests), built once
     objective: Any = None  # trainer.objectives: SFT (None) | Preference
+    # model.base_record when the checkpoints leave the frozen base out (an adapter's), else None
+    base: Optional[Dict[str, Any]] = None
 
 
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -194,7 +196,8 @@ def _save(ctx: TrainContext, state: TrainState) -> None:
     started = time.perf_counter()
     # The position in the data and the shape of the run, as of this step (the ZeRO stage: checkpoint.save).
     saved = replace(state, data=ctx.sampler.state_dict(state.step), world_size=ctx.info.world_size,
-                    global_batch=ctx.sampler.global_batch, layout=checkpoint.layout_of(ctx.cfg))
+                    global_batch=ctx.sampler.global_batch, layout=checkpoint.layout_of(ctx.cfg),
+                    base=ctx.base)
     with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):  # a large model's save takes minutes
         folder = checkpoint.save(ctx.engine, ctx.run_dir, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -69,6 +70,49 @@ def weights_dir(cfg: ModelConfig, seed: int) -> Path:
 
         return materialize(model_dir(cfg), init_seed(cfg, seed), cfg.cache_dir)
     return model_dir(cfg)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def _file_sample(path: Path) -> str:
+    """size:sha256 of a weight file's first and last MiB. Not a full hash: a resume of a 70B base must
+    not read 140 GB to check it; two bases of one architecture (another seed, another fine-tune) have
+    the same sizes but differ within the first MiB of tensor data."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(SAMPLE_BYTES))
+        if size > 2 * SAMPLE_BYTES:
+            handle.seek(size - SAMPLE_BYTES)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def base_record(cfg: ModelConfig, seed: int) -> Dict[str, Any]:
+    """Which base weights this run loads, for an adapter checkpoint that does not hold them: the model,
+    its hub revision (the snapshot folder's commit) and a sample of each weight file (_file_sample)."""
+    folder = weights_dir(cfg, seed)
+    files = {str(p.relative_to(folder)): _file_sample(p) for p in sorted(folder.rglob("*"))
+             if p.suffix in WEIGHT_SUFFIXES and p.is_file()}
+    revision = folder.name if folder.parent.name == "snapshots" else None
+    return {"model": cfg.name_or_path, "revision": revision, "files": files}
+
+
+def base_problem(saved: Dict[str, Any], now: Dict[str, Any], what: str) -> str | None:
+    """Why the base loaded now is not the one an adapter checkpoint was trained on, or None."""
+    differ = [key for key in ("revision", "files") if saved.get(key) != now.get(key)]
+    if not differ:
+        return None
+    changed = sorted(set(saved.get("files", {}).items()) ^ set(now.get("files", {}).items()))[:6]
+    return (f"{what} holds only the adapter and was trained on base {saved.get('model')!r} "
+            f"(revision {saved.get('revision')}), but the base found now differs in its "
+            f"{' and '.join(differ)}: {now.get('model')!r} revision {now.get('revision')}; weight files "
+            f"(name, size:sample) differing: {changed}. Point model.name_or_path (and model.revision) at the base "
+            "it was trained on; a run that must outlive its base saves it too (checkpoint.save_frozen_base=true)")
 
 
 def init_seed(cfg: ModelConfig, seed: int) -> int:

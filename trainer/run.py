@@ -65,7 +65,7 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     from trainer.loop import TrainContext
     from trainer.train_state import TrainState
     from trainer.metrics import build_sinks
-    from trainer.model import build_model, build_tokenizer, count_parameters
+    from trainer.model import base_record, build_model, build_tokenizer, count_parameters
     from trainer.optim import build_optimizer, build_scheduler
 
     log = make_logger(info)
@@ -93,9 +93,11 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
                          lambda values: sum_across_ranks(values, info.device), log)
     state = TrainState()
     resume_from = find_resume(run_dir, cfg, log)
+    # Read once per launch (a few MiB per weight file), not at every save.
+    base = None if checkpoint.holds_frozen_base(cfg) and resume_from is None else base_record(cfg.model, cfg.seed)
     if resume_from is not None:
         load_started = time.perf_counter()
-        state = checkpoint.load(engine, resume_from, info)
+        state = checkpoint.load(engine, resume_from, info, base)
         warn_if_data_changed(state.data, sampler, log)
         log(f"resumed from {resume_from} at step {state.step} (loaded in {time.perf_counter() - load_started:.2f}s)")
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -103,7 +105,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
                        train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
                        stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log,
-                       faults=Faults(cfg.train.fault_injection, info.rank), objective=objective)
+                       faults=Faults(cfg.train.fault_injection, info.rank), objective=objective,
+                       base=None if checkpoint.holds_frozen_base(cfg) else base)
     if cfg.train.timing:
         from trainer.timing import PhaseTimer
 

@@ -26,6 +26,9 @@ class TrainState:
     global_batch: Optional[int] = None  # samples per optimizer step: a resume keeps it
     layout: Optional[Dict[str, Any]] = None  # which parameters the checkpoint holds (checkpoint.layout_of)
     zero_stage: Optional[int] = None  # the ZeRO stage the shards were written with
+    # Set when the checkpoint holds no frozen base weights (an adapter's): the base model it was trained
+    # on (model.base_record), which a resume or an export reloads from the model source and checks.
+    base: Optional[Dict[str, Any]] = None
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainState":

@@ -48,7 +48,7 @@ def to_universal(folder: Path, log=print) -> Path:
     """
     folder = Path(folder)
     out = universal_folder(folder)
-    if out.is_dir() and verify(out) is None:
+    if out.is_dir() and verify(out, deep=False) is None:
         return out
     preverify_loadable(folder)  # ds_to_universal unpickles with weights_only=False: check first
     tmp = out.with_name(out.name + ".tmp")
@@ -82,7 +82,7 @@ def wait_for_universal(folder: Path, timeout_s: float, log=print, poll_s: float 
     while the conversion's files keep changing, and ends `timeout_s` after the last change."""
     out = universal_folder(folder)
     tmp, last_change, said = out.with_name(out.name + ".tmp"), time.time(), False
-    while not (out.is_dir() and verify(out) is None):
+    while not (out.is_dir() and verify(out, deep=False) is None):
         last_change = max(last_change, _newest_change(tmp))
         if time.time() - last_change > timeout_s:
             raise CheckpointError(f"no universal checkpoint appeared at {out} after {timeout_s:.0f}s without "
