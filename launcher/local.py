@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from launcher.deepspeed_launch import launch_command
 from launcher.devices import local_gpu_args, local_world
@@ -127,11 +127,13 @@ def all_ranks_done(run_dir: Path) -> bool:
     return bool(beats) and all(b.get("phase") == "done" for b in beats)
 
 
-def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_timeout_s: float = 0) -> int:
+def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_timeout_s: float = 0,
+                watched: Optional[range] = None) -> int:
     """Run the workers in their own session; turn our signals into a checkpoint-and-stop request.
 
     While they run, a watchdog reads the ranks' heartbeats: a live rank silent for longer than
     `heartbeat_timeout_s` (0: no watchdog) ends the whole job with EXIT_HUNG and a message naming it.
+    `watched`: the ranks this launcher started (a node's), None: all.
     Whatever happens, every process of the job is gone when this returns (no orphans).
     """
     for stale in RunDir(run_dir).heartbeat_files():
@@ -152,7 +154,7 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_t
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        code = _wait_watching(process, run_dir, heartbeat_timeout_s)
+        code = _wait_watching(process, run_dir, heartbeat_timeout_s, watched)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -160,13 +162,14 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_t
     return code if code == EXIT_HUNG else exit_code(run_dir, code)
 
 
-def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s: float) -> int:
+def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s: float,
+                   watched: Optional[range] = None) -> int:
     while True:
         try:
             return process.wait(timeout=WATCH_EVERY_S)
         except subprocess.TimeoutExpired:
             pass
-        stale = stale_ranks(run_dir, heartbeat_timeout_s) if heartbeat_timeout_s > 0 else []
+        stale = stale_ranks(run_dir, heartbeat_timeout_s, ranks=watched) if heartbeat_timeout_s > 0 else []
         if stale:
             report_hang(run_dir, heartbeat_timeout_s, stale)
             _kill_job(process)

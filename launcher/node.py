@@ -55,7 +55,9 @@ def start_node(cfg: RootConfig, run_dir: Path, on_gpu: bool, node_rank: int, hos
         env.pop(name, None)
     print(f"[shardtune] node {node_rank}/{len(hosts)} ({os.uname().nodename}): {cfg.cluster.nproc_per_node} "
           f"rank(s), rendezvous {addr}:{port}", file=sys.stderr, flush=True)
-    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
+    nproc = cfg.cluster.nproc_per_node
+    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s,
+                       watched=range(node_rank * nproc, (node_rank + 1) * nproc))  # this node's ranks
 
 
 def node_gpus(cfg: RootConfig, on_gpu: bool, environ=os.environ) -> Optional[List[int]]:

@@ -200,3 +200,51 @@ def test_a_killed_jobs_shared_memory_buffers_go_before_a_launch_on_its_port():
     stale.write_bytes(b"\0" * 64)
     remove_shm_buffers(port)
     assert not stale.exists()
+
+
+def test_the_watchdog_names_one_silent_rank_among_256_in_time_and_cheaply(tmp_path):
+    """256 simulated ranks (Heartbeat objects beating from one thread, each with its writer thread);
+    one stops. The watchdog pass the launcher runs every second names it within the limit plus one
+    heartbeat write interval plus one pass (before: the limit plus one pass); its own CPU per pass is
+    printed, for all 256 files and for one node's 8 (what a node's launcher reads)."""
+    import threading
+
+    from trainer.control import Heartbeat
+
+    ranks, victim, limit_s, write_every_s, watch_every_s = 256, 137, 2.0, 0.5, 0.25
+    beats = [Heartbeat(tmp_path, rank, write_every_s=write_every_s) for rank in range(ranks)]
+    stopped, done = threading.Event(), threading.Event()
+
+    def beat_all():
+        step = 0
+        while not done.wait(0.05):
+            step += 1
+            for beat in beats:
+                if not (beat.rank == victim and stopped.is_set()):
+                    beat.beat(step, "forward")
+
+    beater = threading.Thread(target=beat_all, daemon=True)
+    beater.start()
+    time.sleep(1.0)
+    stopped.set()
+    silent_since, named_after, cpu_all, cpu_node = time.monotonic(), None, [], []
+    while time.monotonic() - silent_since < 4 * limit_s:
+        started = time.thread_time()
+        stale = stale_ranks(tmp_path, limit_s)
+        cpu_all.append(time.thread_time() - started)
+        started = time.thread_time()
+        stale_ranks(tmp_path, limit_s, ranks=range(136, 144))
+        cpu_node.append(time.thread_time() - started)
+        if stale:
+            named_after = time.monotonic() - silent_since
+            break
+        time.sleep(watch_every_s)
+    done.set()
+    beater.join()
+    for beat in beats:
+        beat.finish(0)
+    print(f"256 ranks: rank {victim} named {named_after:.2f}s after it stopped (limit {limit_s}s, writes every "
+          f"{write_every_s}s, passes every {watch_every_s}s); watchdog CPU per pass: all 256 files "
+          f"{1000 * sum(cpu_all) / len(cpu_all):.1f} ms, one node's 8 {1000 * sum(cpu_node) / len(cpu_node):.2f} ms")
+    assert [b["rank"] for b in stale] == [victim]
+    assert limit_s <= named_after <= limit_s + write_every_s + watch_every_s + 1.0

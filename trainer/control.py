@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from trainer.run_dir import RunDir
 
@@ -272,9 +272,12 @@ def processes_of_run(run_dir: Path, node: Optional[str] = None) -> list[tuple[in
     return found
 
 
-def read_heartbeats(run_dir: Path) -> list[dict]:
+def read_heartbeats(run_dir: Path, ranks: Optional[Iterable[int]] = None) -> list[dict]:
+    """The ranks' last heartbeats (`ranks`: only these; a node's launcher reads its own node's, so that
+    a 64-node job's launchers do not each read all 512 files every second from the shared filesystem)."""
     beats = []
-    for path in RunDir(run_dir).heartbeat_files():
+    paths = RunDir(run_dir).heartbeat_files() if ranks is None else [RunDir(run_dir).heartbeat(r) for r in ranks]
+    for path in paths:
         try:
             beats.append(json.loads(path.read_text()))
         except (OSError, ValueError):
@@ -282,10 +285,11 @@ def read_heartbeats(run_dir: Path) -> list[dict]:
     return beats
 
 
-def stale_ranks(run_dir: Path, timeout_s: float, now: Optional[float] = None) -> list[dict]:
+def stale_ranks(run_dir: Path, timeout_s: float, now: Optional[float] = None,
+                ranks: Optional[Iterable[int]] = None) -> list[dict]:
     """Heartbeats of live ranks silent for more than `timeout_s`, oldest first (finished ranks excluded)."""
     now = time.time() if now is None else now
-    silent = [b for b in read_heartbeats(run_dir)
+    silent = [b for b in read_heartbeats(run_dir, ranks)
               if b.get("phase") != "done" and now - b["time"] > timeout_s and process_state(b["pid"]) != "gone"]
     return sorted(silent, key=lambda b: (b["step"], b["time"]))
 
