@@ -405,3 +405,48 @@ def test_train_state_round_trips_and_reads_older_checkpoints(tmp_path):
     (tmp_path / checkpoint.STATE).write_text(json.dumps({"step": 4, "tokens_seen": 10, "unknown_key": 1}))
     old = TrainState.read(tmp_path)
     assert (old.step, old.tokens_seen, old.world_size, old.zero_stage, old.skipped_steps) == (4, 10, None, None, [])
+
+
+REAL_SAVE = """
+import os, sys, torch, deepspeed
+from pathlib import Path
+from trainer import checkpoint
+from trainer.distributed import DistInfo
+from trainer.train_state import TrainState
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+deepspeed.init_distributed(dist_backend="gloo")
+model = torch.nn.Linear(8, 8)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                  config={"train_batch_size": 1, "zero_optimization": {"stage": int(sys.argv[3])}})
+info, run_dir = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), Path(sys.argv[1])
+folder = checkpoint.save(engine, run_dir, TrainState(step=1), info, keep_last=0)
+print("committed", folder.name, checkpoint.verify(folder, deep=True))
+with torch.no_grad():
+    model.weight[2, 3] = float("nan")
+try:
+    checkpoint.save(engine, run_dir, TrainState(step=2), info, keep_last=0)
+except checkpoint.CheckpointError as err:
+    print("refused:", err)
+print("committed now:", checkpoint.committed_tags(checkpoint.checkpoint_root(run_dir)))
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_real_deepspeed_save_is_hashed_as_written_and_a_nan_weight_is_never_committed(tmp_path, stage):
+    """The save through DeepSpeed's engine (one CPU rank): the manifest taken while writing agrees with
+    the files (a deep verify), and a NaN in the weights, found in memory, stops the next save before
+    its commit: the committed checkpoints stay [step 1]."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, subprocess_env
+    from launcher.local import free_port
+
+    proc = subprocess.run([sys.executable, "-c", REAL_SAVE, str(tmp_path / "run"), str(free_port()), str(stage)],
+                          cwd=REPO, env=subprocess_env({"DS_ACCELERATOR": "cpu"}), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "committed step-00000001 None" in proc.stdout, proc.stdout
+    assert "refused:" in proc.stdout and "non-finite values" in proc.stdout, proc.stdout
+    print(next(line for line in proc.stdout.splitlines() if line.startswith("refused")))
+    assert "committed now: ['step-00000001']" in proc.stdout, proc.stdout

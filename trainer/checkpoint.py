@@ -200,10 +200,6 @@ def install_safe_loading(engine) -> None:
     engine.checkpoint_engine.load = safe_load
 
 
-def pickle_files(folder: Path) -> List[Path]:
-    return sorted(p for p in Path(folder).rglob("*.pt") if p.is_file())
-
-
 def preverify_loadable(folder: Path, rank: int = 0, world_size: int = 1) -> None:
     """Check this rank's stripe of `folder`'s files: content against the manifest's checksum, and every
     .pt file safe-loaded (DeepSpeed's own universal-checkpoint and ds_to_universal readers bypass the
@@ -429,9 +425,12 @@ def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: in
         save_recorded(rng_state(), folder / f"rng_rank{info.rank}.pt", records, folder)
     except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
         raise CheckpointError(write_failure(root, folder.name, err)) from err
-    if check_finite and not recorded:  # a checkpoint engine of the user's: read its files back
-        nonfinite = [problem for problem in [check_finite_files(own_files(folder, info.rank))] if problem]
-    problem = nonfinite[0] if check_finite and nonfinite else None
+    if not check_finite:
+        problem = None
+    elif recorded:
+        problem = nonfinite[0] if nonfinite else None
+    else:  # a checkpoint engine of the user's: read its files back
+        problem = check_finite_files(own_files(folder, info.rank))
     if _any_rank_failed(problem is not None, info):  # also the barrier: every rank's shards are on disk
         raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
     every_rank = _gather_records(records, info)
