@@ -14,7 +14,7 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 REPO = TESTS_DIR.parent
-for p in (str(TESTS_DIR), str(REPO)):
+for p in (str(Path(__file__).resolve().parent), str(TESTS_DIR), str(REPO)):  # the harness sits beside us
     if p not in sys.path:
         sys.path.insert(0, p)
 

@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-import slurm_harness  # tests/ is put on sys.path by conftest.py
+import slurm_harness  # tests/slurm/ is put on sys.path by conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -659,7 +659,7 @@ class LocalSlurm:
         host = socket.gethostname().split(".")[0]
         user = self._user()
         lines = [
-            "# Written by tests/slurm_harness.py (LocalSlurm); removed when the cluster stops.",
+            "# Written by tests/slurm/slurm_harness.py (LocalSlurm); removed when the cluster stops.",
             f"ClusterName={self.cluster_name}",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
