@@ -126,7 +126,7 @@ def fp32_state(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run_ok(run_dir)
+    Path(f"{run_dir}.log").write_text(run_ok(run_dir).stdout)  # read by `output(reference)`
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
     return run_dir
 
@@ -350,6 +350,50 @@ def test_a_generation_slower_than_the_silence_limit_is_not_a_hang(tmp_path):
     print(f"slow generation: eval phases of {[round(r['eval_time_s'], 1) for r in evals]} s, limit {limit_s} s")
     assert evals and all(r["eval_time_s"] > limit_s for r in evals), evals
     assert "no heartbeat" not in proc.stdout and "stuck" not in proc.stdout
+
+
+# ---------------------------------------------------------------- asynchronous checkpoints
+def test_an_async_save_gives_the_same_run_and_stalls_training_less(reference, tmp_path):
+    """checkpoint.async_save=true: the same losses, final weights and committed checkpoints as the
+    reference's synchronous saves; training stalls only for the copy to host memory."""
+    run_dir = tmp_path / "async"
+    proc = run_ok(run_dir, "checkpoint.async_save=true")
+    assert max_loss_diff(run_dir, reference, range(1, STEPS + 1)) <= EXACT
+    root, reference_root = checkpoint.checkpoint_root(run_dir), checkpoint.checkpoint_root(reference)
+    assert checkpoint.committed_tags(root) == checkpoint.committed_tags(reference_root)
+    mine, theirs = fp32_state(root / checkpoint.tag_for(STEPS)), fp32_state(reference_root / checkpoint.tag_for(STEPS))
+    assert mine.keys() == theirs.keys() and all(bool((mine[k] == theirs[k]).all()) for k in mine)
+    stalls = [float(x) for x in re.findall(r"training stalled ([0-9.]+)s", proc.stdout)]
+    sync = [float(x) for x in re.findall(r"committed in ([0-9.]+)s", output(reference))]
+    print(f"async save: training stalled {[f'{x:.3f}' for x in stalls]} s per save; the reference run's "
+          f"synchronous saves: {[f'{x:.3f}' for x in sync]} s")
+    assert len(stalls) == len(sync) == STEPS // 2  # steps 2, 4, 6, 8
+
+
+def test_a_kill_during_a_background_write_resumes_from_the_last_commit(reference, tmp_path):
+    """kill -9 of every process of the job while step 4's files are being written in the background
+    (a slow disk: each file waits 2 s): step 4 was never committed, so the resume takes step 2 and
+    continues the uninterrupted curve exactly."""
+    run_dir = tmp_path / "killed"
+    job = start(run_dir, "checkpoint.async_save=true", "+train.fault_injection.save_write_delay_s=2")
+    root = checkpoint.checkpoint_root(run_dir)
+    deadline = time.time() + 240
+    while not ((root / checkpoint.tag_for(2) / checkpoint.MANIFEST).is_file()
+               and (root / checkpoint.tag_for(4)).is_dir()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not (root / checkpoint.tag_for(4) / checkpoint.MANIFEST).exists(), output(run_dir)[-3000:]
+    for line in job_processes(run_dir):
+        os.kill(int(line.split()[0]), signal.SIGKILL)
+    job.kill()
+    job.wait(timeout=60)
+    assert processes_left(run_dir) == []
+    assert checkpoint.committed_tags(root) == [checkpoint.tag_for(2)], list(root.iterdir())
+    resumed = run_ok(run_dir, "checkpoint.async_save=true")
+    assert f"resumed from {root / checkpoint.tag_for(2)} at step 2" in resumed.stdout, resumed.stdout[-3000:]
+    assert "removed step-00000004: an uncommitted checkpoint" in resumed.stdout + output(run_dir)
+    diff = max_loss_diff(run_dir, reference, range(1, STEPS + 1))
+    print(f"async save killed mid-write: resumed from step 2, largest loss difference vs uninterrupted {diff:.2e}")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1)) and diff <= EXACT
 
 
 # ---------------------------------------------------------------- a full disk

@@ -20,12 +20,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 import os
 import random
 import re
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -135,27 +137,91 @@ def frozen_aliases(module) -> List[str]:
             if not param.requires_grad and name not in named]
 
 
-def record_engine_saves(engine, folder: Path, records: Dict[str, Dict[str, Any]], problems: List[str],
-                        drop_from_module: List[str] = ()) -> bool:
-    """Route DeepSpeed's checkpoint writes through `save_recorded`, checking each state for non-finite
-    values in memory first (no file is read back); `drop_from_module`: module-state keys left out.
-    False when the engine writes through a checkpoint engine of its own (a user's ds_config): its
-    files are then hashed after they are written."""
+def snapshot(obj: Any, storages: Optional[Dict[int, Any]] = None) -> Any:
+    """A copy of a state dict in host memory, for writing while training goes on: every tensor copied
+    off the device (or cloned: training updates CPU tensors in place), tensors that share a storage
+    sharing its copy (so the file holds what torch.save of the original would), other values deep-copied."""
+    import copy
+
+    storages = {} if storages is None else storages
+    if isinstance(obj, torch.Tensor):
+        source = obj.detach().untyped_storage()
+        key = source.data_ptr()
+        if key not in storages:
+            storages[key] = source.cpu() if source.device.type != "cpu" else source.clone()
+        return torch.empty(0, dtype=obj.dtype).set_(storages[key], obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for key, value in obj.items():
+            out[key] = snapshot(value, storages)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value, storages) for value in obj)
+    return copy.deepcopy(obj)
+
+
+class _Writes:
+    """One save's files on this rank, written at once (`background=False`) or, after a snapshot in host
+    memory, by a thread while training goes on. Records each file's size and sha256 as it is written
+    and the non-finite tensors found in memory."""
+
+    def __init__(self, folder: Path, background: bool, delay_s: float = 0.0):
+        self.folder, self.background, self.delay_s = folder, background, delay_s
+        self.zipfile = True
+        self.records: Dict[str, Dict[str, Any]] = {}
+        self.nonfinite: List[str] = []
+        self.queue: List[tuple] = []
+        self.error: Optional[BaseException] = None
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, obj: Any, path: Path) -> None:
+        bad = nonfinite_tensors(obj)
+        if bad:
+            self.nonfinite.append(f"{path}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        if self.background:
+            self.queue.append((snapshot(obj), Path(path)))
+        else:
+            save_recorded(obj, Path(path), self.records, self.folder, self.zipfile)
+
+    def start(self) -> None:
+        if self.background:
+            self.thread = threading.Thread(target=self._write_queue, name="checkpoint-writer", daemon=True)
+            self.thread.start()
+
+    def _write_queue(self) -> None:
+        try:
+            for obj, path in self.queue:
+                time.sleep(self.delay_s)  # train.fault_injection.save_write_delay_s (tests): a slow disk
+                save_recorded(obj, path, self.records, self.folder, self.zipfile)
+        except BaseException as err:  # reported by the commit, on every rank
+            self.error = err
+        self.queue = []  # the snapshot's host memory goes as soon as it is written
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+def record_engine_saves(engine, writes: _Writes, drop_from_module: List[str] = ()) -> bool:
+    """Route DeepSpeed's checkpoint writes through `writes` (non-finite check in memory, hashed as
+    written; no file is read back); `drop_from_module`: module-state keys left out. False when the
+    engine writes through a checkpoint engine of its own (a user's ds_config): it then writes, and
+    its files are checked and hashed after."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     engine_writer = engine.checkpoint_engine
     if type(engine_writer) is not TorchCheckpointEngine:
         return False
-    zipfile = getattr(engine_writer, "zipfile_serialization", True)
+    writes.zipfile = getattr(engine_writer, "zipfile_serialization", True)
 
     def save(state_dict, path):
         if drop_from_module and isinstance(state_dict.get("module"), dict):
             state_dict = {**state_dict, "module": {key: value for key, value in state_dict["module"].items()
                                                    if key not in drop_from_module}}
-        bad = nonfinite_tensors(state_dict)
-        if bad:
-            problems.append(f"{path}: non-finite values in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-        save_recorded(state_dict, Path(path), records, folder, zipfile)
+        writes.add(state_dict, Path(path))
 
     engine_writer.save = save
     return True
@@ -400,6 +466,15 @@ def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: in
     Before anything is written rank 0 checks the disk has room for one more checkpoint the size
     of the last (rotating first if that makes room); if not, every rank stops with the reason.
     """
+    return start_save(engine, run_dir, state, info, keep_last, check_finite).commit(info)
+
+
+def start_save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: int,
+               check_finite: bool = True, background: bool = False, delay_s: float = 0.0) -> "PendingSave":
+    """The first half of `save`: every rank's files written (`background=False`), or snapshot in host
+    memory with a thread writing them (`background=True`: training goes on meanwhile). Nothing is
+    committed until `PendingSave.commit`, so a crash or kill before it leaves the previous checkpoint
+    the latest."""
     root = checkpoint_root(run_dir)
     folder = root / tag_for(state.step)
     problem = None
@@ -412,36 +487,60 @@ def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: in
             problem = space_problem(root, folder.name, keep_last=keep_last)
     if _any_rank_failed(problem is not None, info):  # every rank stops here together, nothing written
         raise CheckpointError(problem or "rank 0 found too little disk space for the checkpoint")
-    records: Dict[str, Dict[str, Any]] = {}  # this rank's files: size and sha256, taken while writing
-    nonfinite: List[str] = []
+    writes = _Writes(folder, background, delay_s)
     adapter_only = state.base is not None
-    recorded = record_engine_saves(engine, folder, records, nonfinite,
-                                   frozen_aliases(engine.module) if adapter_only else [])
+    recorded = record_engine_saves(engine, writes, frozen_aliases(engine.module) if adapter_only else [])
     try:
-        # The train state goes in trainer_state.json alone (below), not also in DeepSpeed's client_state.
-        # `state.base` set: an adapter checkpoint, without the frozen base (reloaded from its source).
+        # The train state goes in trainer_state.json alone (at the commit), not also in DeepSpeed's
+        # client_state. `state.base` set: an adapter checkpoint, without the frozen base.
         engine.save_checkpoint(str(root), tag=folder.name, save_latest=False,
                                exclude_frozen_parameters=adapter_only)
-        save_recorded(rng_state(), folder / f"rng_rank{info.rank}.pt", records, folder)
+        writes.add(rng_state(), folder / f"rng_rank{info.rank}.pt")
     except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
         raise CheckpointError(write_failure(root, folder.name, err)) from err
-    if not check_finite:
-        problem = None
-    elif recorded:
-        problem = nonfinite[0] if nonfinite else None
-    else:  # a checkpoint engine of the user's: read its files back
-        problem = check_finite_files(own_files(folder, info.rank))
-    if _any_rank_failed(problem is not None, info):  # also the barrier: every rank's shards are on disk
-        raise CheckpointError(problem or f"{folder}: another rank found non-finite values; not committed")
-    every_rank = _gather_records(records, info)
-    if info.is_main:
-        state = replace(state, zero_stage=int(engine.zero_optimization_stage()))
-        write_atomic(folder / STATE, state.to_json())
-        write_manifest(folder, every_rank)
-        write_atomic(root / LATEST, folder.name)
-        rotate(root, keep_last)
-    barrier()
-    return folder
+    writes.start()
+    state = replace(state, zero_stage=int(engine.zero_optimization_stage()))
+    return PendingSave(folder, state, writes, recorded, check_finite, keep_last)
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are written (or being written) and not yet committed."""
+
+    folder: Path
+    state: TrainState
+    writes: _Writes
+    recorded: bool  # False: the user's checkpoint engine wrote the files; checked by reading them back
+    check_finite: bool
+    keep_last: int
+
+    def written_everywhere(self, info: DistInfo) -> bool:
+        """Whether every rank has written its files (a collective: every rank calls it)."""
+        return not _any_rank_failed(not self.writes.done(), info)
+
+    def commit(self, info: DistInfo) -> Path:
+        """Wait for this rank's writes, then commit on rank 0 once every rank's are on disk."""
+        self.writes.wait()
+        root, folder = self.folder.parent, self.folder
+        if self.writes.error is not None:
+            problem = write_failure(root, folder.name, self.writes.error)
+        elif not self.check_finite:
+            problem = None
+        elif self.recorded:
+            problem = self.writes.nonfinite[0] if self.writes.nonfinite else None
+        else:  # a checkpoint engine of the user's: read its files back
+            problem = check_finite_files(own_files(folder, info.rank))
+        if _any_rank_failed(problem is not None, info):  # also the barrier: every rank's shards are on disk
+            raise CheckpointError(problem or f"{folder}: another rank failed to write or found non-finite values; "
+                                             "not committed")
+        every_rank = _gather_records(self.writes.records, info)
+        if info.is_main:
+            write_atomic(folder / STATE, self.state.to_json())
+            write_manifest(folder, every_rank)
+            write_atomic(root / LATEST, folder.name)
+            rotate(root, self.keep_last)
+        barrier()
+        return folder
 
 
 def _log_stderr(message: str) -> None:

@@ -219,6 +219,11 @@ class CheckpointConfig:
     # weights. false: adapter-sized checkpoints; a resume reloads the base from model.name_or_path and
     # refuses one whose weight files changed. true: self-contained checkpoints (the base may vanish).
     save_frozen_base: bool = False
+    # true: a save stalls training only while each rank copies its state to host memory; a thread writes
+    # the files and the checkpoint commits (manifest last) at a later step, once every rank's are on
+    # disk. A crash before that leaves the previous checkpoint the latest. Needs host memory for one
+    # copy of each rank's share. The save at a stop request and the last one are written at once.
+    async_save: bool = False
 
 
 @dataclass

@@ -53,5 +53,10 @@ class Faults:
             while time.monotonic() < end and not (stop is not None and stop.requested()):
                 time.sleep(min(0.1, max(end - time.monotonic(), 0)))
 
+    def save_write_delay_s(self) -> float:
+        """Seconds the background checkpoint writer waits before each file: a slow disk, so that a
+        test can kill a job while an asynchronous save is being written."""
+        return float(self.spec.get("save_write_delay_s") or 0.0)
+
     def token_delay_s(self) -> float:
         return float(self.spec.get("token_delay_s") or 0.0)

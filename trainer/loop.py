@@ -53,6 +53,7 @@ class TrainContext:
     objective: Any = None  # trainer.objectives: SFT (None) | Preference
     # model.base_record when the checkpoints leave the frozen base out (an adapter's), else None
     base: Optional[Dict[str, Any]] = None
+    pending: Optional[checkpoint.PendingSave] = None  # an asynchronous save not committed yet
 
 
 def _to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -191,17 +192,47 @@ def default_evaluator(ctx: TrainContext, step: int) -> None:
                    "eval_tokens": result["tokens"], **{f"eval_{k}": v for k, v in result["metrics"].items()}})
 
 
-def _save(ctx: TrainContext, state: TrainState) -> None:
+def _save(ctx: TrainContext, state: TrainState, at_once: bool = False) -> None:
+    """Save a checkpoint of `state`: in the background with checkpoint.async_save unless `at_once` (a stop,
+    the last save), which commits before returning. An earlier background save commits first."""
+    _commit_pending(ctx)
     ctx.heartbeat.beat(state.step, "checkpoint")
     started = time.perf_counter()
     # The position in the data and the shape of the run, as of this step (the ZeRO stage: checkpoint.save).
     saved = replace(state, data=ctx.sampler.state_dict(state.step), world_size=ctx.info.world_size,
                     global_batch=ctx.sampler.global_batch, layout=checkpoint.layout_of(ctx.cfg),
                     base=ctx.base)
+    background = ctx.cfg.checkpoint.async_save and not at_once
     with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):  # a large model's save takes minutes
-        folder = checkpoint.save(ctx.engine, ctx.run_dir, saved, ctx.info, ctx.cfg.checkpoint.keep_last)
+        pending = checkpoint.start_save(ctx.engine, ctx.run_dir, saved, ctx.info, ctx.cfg.checkpoint.keep_last,
+                                        background=background, delay_s=ctx.faults.save_write_delay_s())
+    ctx.pending = pending
+    if background:
+        ctx.log(f"checkpoint {pending.folder.name}: training stalled {time.perf_counter() - started:.2f}s (state "
+                "copied to host memory); writing in the background")
+        return
+    _commit_pending(ctx, started)
+
+
+def _commit_pending(ctx: TrainContext, started: Optional[float] = None) -> None:
+    """Commit the save in flight, waiting for its writes (a no-op when there is none)."""
+    if ctx.pending is None:
+        return
+    pending, ctx.pending = ctx.pending, None
+    waited = time.perf_counter()
+    with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):
+        folder = pending.commit(ctx.info)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    ctx.log(f"checkpoint {folder.name} committed in {time.perf_counter() - started:.2f}s ({size / 2**20:.1f} MiB)")
+    took = f"in {time.perf_counter() - started:.2f}s" if started is not None else (
+        f"(in the background; {time.perf_counter() - waited:.2f}s waited for it)")
+    ctx.log(f"checkpoint {folder.name} committed {took} ({size / 2**20:.1f} MiB)")
+
+
+def _commit_if_written(ctx: TrainContext) -> None:
+    """After each step while a background save is in flight: commit it once every rank has written
+    (one small collective per step meanwhile, none otherwise)."""
+    if ctx.pending is not None and ctx.pending.written_everywhere(ctx.info):
+        _commit_pending(ctx)
 
 
 def _train_record(state: TrainState, result: Dict[str, Any], lr: float) -> Dict[str, Any]:
@@ -246,6 +277,7 @@ def train(ctx: TrainContext, state: TrainState) -> int:
             ctx.log(f"step {state.step}: non-finite loss or gradient norm on at least one rank; update skipped "
                     f"({state.nonfinite_streak} in a row, limit {cfg.train.max_nonfinite_steps})")
             if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                _commit_pending(ctx)  # a save of earlier, finite steps still counts
                 ctx.log(f"aborting: {state.nonfinite_streak} non-finite steps in a row (last step {state.step}); "
                         "lower optim.lr, check the data, or resume from the last checkpoint")
                 return EXIT_NONFINITE
@@ -256,8 +288,9 @@ def train(ctx: TrainContext, state: TrainState) -> int:
             ctx.sinks.log(_train_record(state, result, lr))
         if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 and state.step < cfg.train.max_steps:
             evaluator(ctx, state.step)
+        _commit_if_written(ctx)
         if result["stop"]:
-            _save(ctx, state)
+            _save(ctx, state, at_once=True)
             ctx.log(f"stopped at step {state.step} ({ctx.stop.reason()}); checkpoint saved, resume to continue")
             return EXIT_RESUME_ME
         if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
@@ -265,7 +298,8 @@ def train(ctx: TrainContext, state: TrainState) -> int:
             last_saved = state.step
     evaluator(ctx, state.step)
     if cfg.checkpoint.save_final and last_saved != state.step:
-        _save(ctx, state)
+        _save(ctx, state, at_once=True)
+    _commit_pending(ctx)
     if ctx.on_finish is not None:
         ctx.heartbeat.beat(state.step, "export")
         with ctx.heartbeat.keepalive(ctx.cfg.cluster.timeout_s):
