@@ -17,8 +17,10 @@ refused before DeepSpeed, whose own loaders use `weights_only=False`, ever opens
 """
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
+import io
 import json
 from dataclasses import dataclass, replace
 import os
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 from trainer.distributed import DistInfo, barrier
+from trainer.model import base_problem
 from trainer.run_dir import RunDir
 from trainer.train_state import FILE as TRAIN_STATE_FILE, TrainState
 
@@ -141,8 +144,6 @@ def snapshot(obj: Any, storages: Optional[Dict[int, Any]] = None) -> Any:
     """A copy of a state dict in host memory, for writing while training goes on: every tensor copied
     off the device (or cloned: training updates CPU tensors in place), tensors that share a storage
     sharing its copy (so the file holds what torch.save of the original would), other values deep-copied."""
-    import copy
-
     storages = {} if storages is None else storages
     if isinstance(obj, torch.Tensor):
         source = obj.detach().untyped_storage()
@@ -271,8 +272,6 @@ def preverify_loadable(folder: Path, rank: int = 0, world_size: int = 1) -> None
     .pt file safe-loaded (DeepSpeed's own universal-checkpoint and ds_to_universal readers bypass the
     engine's loader, so nothing may reach them unchecked). One read per file; the ranks share the work,
     so a 1 TB checkpoint on 512 ranks costs each ~2 GB, not one process the whole terabyte."""
-    import io
-
     listed = _manifest_files(folder)
     for index, path in enumerate(sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)):
         if index % world_size != rank:
@@ -665,8 +664,6 @@ def load(engine, folder: Path, info: DistInfo, base_now: Dict[str, Any]) -> Trai
     before DeepSpeed opens anything. An adapter checkpoint (no frozen base in it) loads only onto
     the base it was trained on (`base_now`: model.base_record of the model just built).
     """
-    from trainer.model import base_problem
-
     state = read_state(folder)
     problem = base_problem(state.base, base_now, f"checkpoint {folder}") if state.base is not None else None
     try:
