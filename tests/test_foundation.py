@@ -211,7 +211,8 @@ def test_an_adapter_checkpoint_resumes_on_another_world_size(tmp_path):
     """2 ranks stopped at step 3 -> 1 rank from the adapter-only checkpoint (through a universal one):
     the base comes from the model source, the adapter and its moments from the checkpoint. LoRA's
     dropout is off: its masks are drawn per rank, so they differ on another world size."""
-    lora = [*COMMON, "deepspeed=zero2", "peft=lora", "peft.dropout=0", "train.micro_batch_size=2"]
+    lora = [*COMMON, "deepspeed=zero2", "peft=lora", "peft.dropout=0", "train.micro_batch_size=2",
+            "train.max_steps=5", "checkpoint.save_final=false"]
     reference = train(tmp_path / "uninterrupted", *lora, "cluster.nproc_per_node=2")
     assert reference.returncode == 0, reference.stdout[-3000:]
     run_dir = tmp_path / "two-to-one"
@@ -220,7 +221,7 @@ def test_an_adapter_checkpoint_resumes_on_another_world_size(tmp_path):
     assert resumed.returncode == 0 and "universal" in resumed.stdout, resumed.stdout[-3000:]
     diffs = [abs(a - b) for a, b in zip(losses(tmp_path / "uninterrupted"), losses(run_dir))]
     print(f"LoRA adapter-only checkpoint, 2 ranks -> 1 rank: loss differences {[f'{d:.1e}' for d in diffs]}")
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1)) and max(diffs) <= STAGE_TOLERANCE
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 6)) and max(diffs) <= STAGE_TOLERANCE
 
 
 def test_an_adapter_checkpoint_refuses_a_base_that_changed(tmp_path):

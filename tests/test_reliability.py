@@ -343,7 +343,7 @@ def test_a_generation_slower_than_the_silence_limit_is_not_a_hang(tmp_path):
     token now tells the heartbeat; here every token takes 1 s against a 6 s limit, and the run finishes.
     (A rank that truly stops is still named within the limit: T12.)"""
     run_dir, limit_s = tmp_path / "slow", 6
-    proc = run_ok(run_dir, "train.max_steps=2", "eval.baseline=true", "eval.prompts=[Hello]", "eval.prompts_file=null",
+    proc = run_ok(run_dir, "train.max_steps=2", "eval.baseline=false", "eval.prompts=[Hello]", "eval.prompts_file=null",
                   "eval.max_new_tokens=10", f"cluster.heartbeat_timeout_s={limit_s}",
                   "+train.fault_injection.token_delay_s=1")
     evals = metrics(run_dir, "eval")
