@@ -15,11 +15,14 @@ if [ ! -x "$TOOLS/bin/pip-compile" ]; then
   python3 -m venv "$TOOLS"
   "$TOOLS/bin/pip" install -q "pip-tools==7.7.0"
 fi
+# LOCK_ADD_ONLY=1 resolves a newly added dependency while keeping every existing pin (adding a
+# package is not a bump); by default every package moves to its newest version in range.
+if [ "${LOCK_ADD_ONLY:-0}" = 1 ]; then UPGRADE=""; else UPGRADE="--upgrade"; fi
 compile() {  # $1: variant, then extra environment for pip
   local variant=$1; shift
   env "$@" CUSTOM_COMPILE_COMMAND="make lock" "$TOOLS/bin/pip-compile" -q --allow-unsafe --strip-extras --no-emit-find-links \
-    --no-emit-index-url --no-emit-trusted-host --annotation-style=line --upgrade \
-    --extra test --extra gguf --extra sweeps --extra trackers \
+    --no-emit-index-url --no-emit-trusted-host --annotation-style=line $UPGRADE \
+    --extra test --extra eval --extra gguf --extra sweeps --extra trackers \
     -o "requirements/lock-$variant.txt" \
     pyproject.toml requirements/build.in "requirements/torch-$variant.in"
 }
