@@ -14,6 +14,7 @@ COMMANDS = {
     "data": ("launcher.data_cmd:main", "`data preview`: render samples as the model sees them, with statistics"),
     "report": ("launcher.report_cmd:main", "write an HTML/markdown report of a run or a sweep"),
     "sweep": ("launcher.sweep_cmd:main", "`sweep summary SWEEP_DIR`: rank the trials of a sweep"),
+    "eval": ("launcher.eval_cmd:main", "base and fine-tuned model on the same lm-eval tasks, paired, with intervals"),
     "verify": ("launcher.verify_cmd:main", "check a run's checkpoints against their manifests, content included"),
     "stop": ("launcher.stop_cmd:main", "ask a running run to checkpoint and stop: shardtune stop RUN_DIR"),
     "config": ("launcher.config_cmd:main", "what a setting does: `shardtune config optim.lr`, `shardtune config peft`"),

@@ -14,7 +14,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from trainer.run_dir import RunDir
 
@@ -32,6 +32,7 @@ class RunData:
     config_text: str = ""
     env: Dict[str, Any] = field(default_factory=dict)
     status: Dict[str, Any] = field(default_factory=dict)
+    benchmarks: Optional[Dict[str, Any]] = None  # `shardtune eval`'s paired table (benchmarks/results.json)
     problems: List[str] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ def load_run(run_dir: Path) -> RunData:
     if paths.env.is_file():
         run.env = json.loads(paths.env.read_text())
     run.status = read_status(run_dir, run.config)
+    run.benchmarks = paths.read_json(paths.benchmark_results)
     return run
 
 
@@ -194,4 +196,6 @@ def summarize(run: RunData) -> Dict[str, Any]:
             "train": train, "timing": timing, "generations": generations,
             "baseline": any(r["step"] == 0 for r in run.evals), "problems": run.problems,
             "trackers": tracker_links(run.run_dir),
+            "benchmarks": ({"tuned": run.benchmarks["tuned"], "baseline": run.benchmarks["baseline"],
+                            "retention": run.benchmarks["retention"]} if run.benchmarks else None),
             "preference": preference if any(v["after"] is not None for v in preference.values()) else None}

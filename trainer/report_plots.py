@@ -80,6 +80,27 @@ def _line_plot(run: RunData, path: Path, keys: List[str], title: str, ylabel: st
     return True
 
 
+def _benchmark_plot(run: RunData, path: Path) -> bool:
+    """`shardtune eval`: tuned - baseline on each task's primary metric, with its paired interval."""
+    rows = [r for r in (run.benchmarks or {}).get("rows", []) if r.get("primary")]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.5 * len(rows)), dpi=100)
+    for y, row in enumerate(rows):
+        good = row["verdict"] == "better"
+        color = COLORS["general"] if good else COLORS["eval"] if row["verdict"] == "worse" else "#555555"
+        ax.errorbar(row["diff"], y, xerr=[[row["diff"] - row["ci_low"]], [row["ci_high"] - row["diff"]]],
+                    fmt="o", color=color, capsize=4)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), [f"{r['task']} ({r['metric']}{'' if r['higher_is_better'] else ', lower is better'})"
+                                     for r in rows], fontsize=8)
+    level = round(100 * run.benchmarks["settings"]["confidence"])
+    ax.set_title(f"tuned - baseline, {level}% paired bootstrap interval", fontsize=11)
+    ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def memory_keys(run: RunData) -> List[str]:
     return sorted({k for r in run.train for k, v in r.items() if k.startswith("mem_") and isinstance(v, (int, float))})
 
@@ -99,6 +120,8 @@ def draw_plots(run: RunData, out_dir: Path) -> Tuple[List[Tuple[str, Path]], Lis
     if any("rewards/margin" in r for r in run.train):  # a preference run (objective=dpo|simpo|kto)
         plots.append(("Preference rewards", "rewards.png", lambda p: _line_plot(
             run, p, ["rewards/accuracy", "rewards/margin"], "Preference rewards (train)", "accuracy / margin")))
+    if run.benchmarks:
+        plots.append(("Benchmarks (shardtune eval)", "benchmarks.png", lambda p: _benchmark_plot(run, p)))
     written, skipped = [], []
     for title, name, draw in plots:
         path = out_dir / name

@@ -202,7 +202,7 @@ def render_html(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str, Pa
     if skipped:
         parts.append("<p class='muted'>" + _e("; ".join(skipped)) + "</p>")
     parts += ["<h2>Generations before and after</h2>", _generations_html(generation_rows(run, summary), summary),
-              "<h2>Evaluations</h2>", _evals_html(run), "<h2>Run</h2>", _table(config_facts(run)),
+              "<h2>Evaluations</h2>", _evals_html(run), *_benchmarks_html(run), "<h2>Run</h2>", _table(config_facts(run)),
               "<h2>Timing</h2>", _table(timing_facts(summary)),
               f"<h2>Config</h2><details><summary>config.yaml</summary><pre>{_e(run.config_text)}</pre></details>",
               "</body></html>"]
@@ -221,6 +221,33 @@ def _evals_html(run: RunData) -> str:
     head = "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
     body = "".join("<tr>" + "".join(f"<td>{_cell_value(r.get(c), c)}</td>" for c in cols) + "</tr>" for r in run.evals)
     return f"<table>{head}{body}</table>"
+
+
+BENCHMARK_HEAD = ("task", "metric", "n", "baseline", "tuned", "difference", "interval", "verdict")
+
+
+def benchmark_cells(row: Dict[str, Any]) -> List[str]:
+    """One row of `shardtune eval`'s paired table, as the report prints it."""
+    direction = "" if row["higher_is_better"] else " (lower is better)"
+    return [row["task"], row["metric"] + direction, str(row["n"]),
+            f"{num(row['base'])} ± {num(row['base_stderr'])}", f"{num(row['tuned'])} ± {num(row['tuned_stderr'])}",
+            f"{row['diff']:+.4f}", f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]", row["verdict"]]
+
+
+def benchmark_intro(bench: Dict[str, Any]) -> str:
+    level = round(100 * bench["settings"]["confidence"])
+    return (f"{bench['tuned']} against {bench['baseline']} (lm-eval {bench['settings']['lm_eval']}, "
+            f"{level}% paired bootstrap intervals). Retention: {bench['retention']['text']}.")
+
+
+def _benchmarks_html(run: RunData) -> List[str]:
+    if not run.benchmarks:
+        return []
+    head = "<tr>" + "".join(f"<th>{c}</th>" for c in BENCHMARK_HEAD) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in benchmark_cells(r)) + "</tr>"
+                   for r in run.benchmarks["rows"])
+    return ["<h2>Benchmarks (shardtune eval)</h2>", f"<p>{_e(benchmark_intro(run.benchmarks))}</p>",
+            f"<table>{head}{body}</table>"]
 
 
 def _cell_value(value, column: str) -> str:
@@ -249,6 +276,10 @@ def render_markdown(run: RunData, summary: Dict[str, Any], plots: List[Tuple[str
     if cols:
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(_cell_value(r.get(c), c) for c in cols) + " |" for r in run.evals]
+    if run.benchmarks:
+        lines += ["", "## Benchmarks (shardtune eval)", "", benchmark_intro(run.benchmarks), "",
+                  "| " + " | ".join(BENCHMARK_HEAD) + " |", "|" + "---|" * len(BENCHMARK_HEAD)]
+        lines += ["| " + " | ".join(_md_escape(c) for c in benchmark_cells(r)) + " |" for r in run.benchmarks["rows"]]
     rows = generation_rows(run, summary)
     g = summary["generations"]
     lines += ["", "## Generations before and after", ""]

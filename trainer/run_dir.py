@@ -19,6 +19,7 @@ stop` import it without loading the worker's dependencies.
                        the last step W&B confirmed (a finished launch), so a resume logs no step twice
     tensorboard/       TensorBoard event files; mlruns/, mlflow_run_id: the default MLflow store and run id
     logs/              launcher.log (what the launcher printed), rank-<N>.log (each rank's output, bounded)
+    benchmarks/        `shardtune eval`: base and tuned on lm-eval tasks, paired (results.json, scores.jsonl)
     report/, report.html, report.md   `shardtune report`
     job.sbatch, slurm_job_id, slurm_jobs.jsonl, slurm_submissions.jsonl, hostfile.node<N>,
     deepspeed_env      Slurm and multi-node launches
@@ -147,6 +148,24 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.path / "export"
+
+    # ------------------------------------------------------------ shardtune eval
+    @property
+    def benchmarks(self) -> Path:
+        """`shardtune eval`: results.json (the paired table), scores.jsonl (each document's two
+        scores), lm_eval-<side>.json (lm-evaluation-harness's own results for each model)."""
+        return self.path / "benchmarks"
+
+    @property
+    def benchmark_results(self) -> Path:
+        return self.benchmarks / "results.json"
+
+    @property
+    def benchmark_scores(self) -> Path:
+        return self.benchmarks / "scores.jsonl"
+
+    def benchmark_raw(self, side: str) -> Path:
+        return self.benchmarks / f"lm_eval-{side}.json"
 
     @property
     def export_record(self) -> Path:
