@@ -158,4 +158,6 @@ def launch_hostfile(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> int:
     if problem:
         raise ConfigError([problem])
     print(f"[shardtune] {len(hosts)} hosts over {cfg.cluster.ssh_launcher}: {', '.join(hosts)}", file=sys.stderr)
-    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s)
+    # Remote ranks are started by DeepSpeed's runner, not by a launcher of ours: they beat into the
+    # shared run directory, where this (head node) launcher's watchdog sees them.
+    return run_workers(argv, env, run_dir, cfg.cluster.heartbeat_timeout_s, node_local=False)

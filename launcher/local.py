@@ -1,6 +1,7 @@
 """cluster=local: N ranks on this machine through DeepSpeed's per-node launcher (one plain process for N=1)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shlex
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -19,10 +21,13 @@ from trainer.allocator import preload_env
 from trainer.config import RootConfig
 from trainer.run_dir import RunDir
 from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank, describe_stragglers,
-                             launcher_identity, likely_stuck, read_heartbeats, record_exit, recorded_exit,
-                             request_stop, stale_ranks)
+                             HEARTBEAT_DIR_ENV, known_heartbeats, launcher_identity, likely_stuck, rank_heartbeat, read_heartbeats,
+                             record_exit, recorded_exit, request_stop, stale_ranks, write_node_summary)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
+# How often a node launcher copies its ranks' (node-local) heartbeats into the shared run directory,
+# for `shardtune report` and for ranks on other nodes naming a straggler: one small file per node.
+SUMMARY_EVERY_S = 30.0
 
 
 def free_port() -> int:
@@ -106,14 +111,15 @@ def manual_commands(run_dir: Path, nproc: int, devices: List[str] | None = None)
             f"srun --ntasks-per-node {nproc} python -m trainer --run-dir {d}   # sets SLURM_PROCID etc."]
 
 
-def exit_code(run_dir: Path, launcher_code: int) -> int:
+def exit_code(run_dir: Path, launcher_code: int, liveness: Optional["Liveness"] = None) -> int:
     """The launcher's code, except that a clean stop is always reported as 'resume me'."""
     recorded = recorded_exit(run_dir)
     if recorded is None:
         return launcher_code
     if recorded == EXIT_RESUME_ME or launcher_code == 0:
         return recorded
-    if recorded == EXIT_OK and all_ranks_done(run_dir):
+    done = all_ranks_done(run_dir, liveness.folder, liveness.ranks) if liveness else all_ranks_done(run_dir)
+    if recorded == EXIT_OK and done:
         # Rank 0 records 0 only after the last step, checkpoint and export; with every rank's last
         # heartbeat "done", nothing was left to lose: a crash while tearing down is reported, not failed.
         print(f"[shardtune] every rank finished, but one exited {launcher_code} while shutting down; "
@@ -122,23 +128,67 @@ def exit_code(run_dir: Path, launcher_code: int) -> int:
     return launcher_code
 
 
-def all_ranks_done(run_dir: Path) -> bool:
-    beats = read_heartbeats(run_dir)
+def all_ranks_done(run_dir: Path, folder: Optional[Path] = None, ranks: Optional[range] = None) -> bool:
+    # Nothing in the folder (a launcher waiting on node launchers): their summaries say.
+    beats = read_heartbeats(run_dir, ranks, folder) or (known_heartbeats(run_dir) if ranks is None else [])
     return bool(beats) and all(b.get("phase") == "done" for b in beats)
 
 
+@dataclass
+class Liveness:
+    """Where a launcher's ranks beat, and what it watches: `ranks` (a node's; None: every rank in `folder`).
+    `node_local`: the folder is on this node (we launch on every node); the launcher then copies a
+    summary into the shared run directory every SUMMARY_EVERY_S and at the end."""
+    folder: Path
+    ranks: Optional[range]
+    node_local: bool
+
+    @classmethod
+    def choose(cls, run_dir: Path, watched: Optional[range], node_local: bool) -> "Liveness":
+        rd = RunDir(run_dir)
+        return cls(rd.node_heartbeats if node_local else rd.heartbeats, watched, node_local)
+
+    def clear(self) -> None:
+        """An earlier launch's heartbeats would look like a hang at once: remove this launcher's ranks'."""
+        paths = sorted(self.folder.glob("rank*.json")) if self.ranks is None else \
+            [rank_heartbeat(self.folder, r) for r in self.ranks]
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def summarise(self, run_dir: Path) -> None:
+        if self.node_local:
+            try:
+                write_node_summary(run_dir, self.folder, self.ranks[0] if self.ranks else 0, self.ranks)
+            except OSError:
+                pass  # liveness for the report: a full disk must not end the job here
+
+    def close(self, run_dir: Path) -> None:
+        """The last summary, then the node-local files go (they live in memory on /dev/shm)."""
+        if self.node_local:
+            self.summarise(run_dir)
+            self.clear()
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # when no other launcher of this run (same host) still uses it
+
+
 def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_timeout_s: float = 0,
-                watched: Optional[range] = None) -> int:
+                watched: Optional[range] = None, node_local: bool = True) -> int:
     """Run the workers in their own session; turn our signals into a checkpoint-and-stop request.
 
     While they run, a watchdog reads the ranks' heartbeats: a live rank silent for longer than
     `heartbeat_timeout_s` (0: no watchdog) ends the whole job with EXIT_HUNG and a message naming it.
-    `watched`: the ranks this launcher started (a node's), None: all.
+    `watched`: the ranks this launcher started (a node's), None: all. `node_local`: the ranks run on
+    this node (always, except a hostfile launch whose remote ranks no launcher of ours watches), so
+    they beat into node-local storage, not the shared run directory.
     Whatever happens, every process of the job is gone when this returns (no orphans).
     """
-    for stale in RunDir(run_dir).heartbeat_files():
-        stale.unlink()  # an earlier launch's heartbeats would look like a hang at once
+    liveness = Liveness.choose(run_dir, watched, node_local)
+    liveness.clear()
     env = {**env, LAUNCHER_ENV: launcher_identity()}  # ranks that outlive us checkpoint and stop
+    if node_local:
+        env[HEARTBEAT_DIR_ENV] = str(liveness.folder)
+    else:
+        env.pop(HEARTBEAT_DIR_ENV, None)
     process = subprocess.Popen(argv, env=env, start_new_session=True)
     interrupts = []
 
@@ -154,22 +204,29 @@ def run_workers(argv: List[str], env: Dict[str, str], run_dir: Path, heartbeat_t
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
-        code = _wait_watching(process, run_dir, heartbeat_timeout_s, watched)
+        code = _wait_watching(process, run_dir, heartbeat_timeout_s, liveness)
+        if code != EXIT_HUNG:
+            code = exit_code(run_dir, code, liveness)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _kill_job(process)  # ranks left behind by a failed launcher (none when all went well)
-    return code if code == EXIT_HUNG else exit_code(run_dir, code)
+        liveness.close(run_dir)
+    return code
 
 
-def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s: float,
-                   watched: Optional[range] = None) -> int:
+def _wait_watching(process: subprocess.Popen, run_dir: Path, heartbeat_timeout_s: float, liveness: Liveness) -> int:
+    next_summary = time.monotonic() + SUMMARY_EVERY_S
     while True:
         try:
             return process.wait(timeout=WATCH_EVERY_S)
         except subprocess.TimeoutExpired:
             pass
-        stale = stale_ranks(run_dir, heartbeat_timeout_s, ranks=watched) if heartbeat_timeout_s > 0 else []
+        if time.monotonic() >= next_summary:
+            liveness.summarise(run_dir)
+            next_summary = time.monotonic() + SUMMARY_EVERY_S
+        stale = (stale_ranks(run_dir, heartbeat_timeout_s, ranks=liveness.ranks, folder=liveness.folder)
+                 if heartbeat_timeout_s > 0 else [])
         if stale:
             report_hang(run_dir, heartbeat_timeout_s, stale)
             _kill_job(process)

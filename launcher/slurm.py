@@ -117,7 +117,8 @@ def launch_in_allocation(cfg: RootConfig, run_dir: Path) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")])))
     print(f"[shardtune] inside Slurm allocation {os.environ['SLURM_JOB_ID']}: {shlex.join(argv)}",
           file=sys.stderr, flush=True)
-    return run_workers(argv, env, run_dir)
+    # The node launchers srun starts watch their own ranks (node-local heartbeats); this one only waits.
+    return run_workers(argv, env, run_dir, node_local=False)
 
 
 def derive_for_compute_nodes(cfg: RootConfig, run_dir: Path, on_gpu: bool) -> None:

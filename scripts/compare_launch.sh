@@ -5,8 +5,9 @@
 #
 # 1. Wall time of a whole 2-step launch on the tiny model with 2 CPU ranks, REV and this checkout
 #    alternated ROUNDS times (the same venv; REV checked out in a temporary git worktree).
-# 2. Heartbeat writes: strace counts renames of heartbeats/rank*.json and all opens/renames under the
-#    run directory in a 4-step, 2-rank run with 8 accumulation steps (needs strace).
+# 2. Heartbeat writes: strace counts heartbeat renames in the run directory and on node-local storage
+#    (/dev/shm), and all opens/renames under the run directory, in a 4-step, 2-rank run with 8
+#    accumulation steps (needs strace). ROUNDS=0 skips part 1.
 set -u
 REV=${1:?usage: compare_launch.sh REV [ROUNDS]}
 ROUNDS=${2:-3}
@@ -31,6 +32,7 @@ for which in before after; do
   run=$OUT/hb_$which
   (cd "$dir" && PYTHONPATH=$dir strace -f -qq -e trace=rename,renameat,renameat2,openat -o "$run.strace" \
      $PY -m launcher.cli train run.dir="$run" train.max_steps=4 train.grad_accum=8 train.micro_batch_size=1 $QUIET >"$run.log" 2>&1)
-  echo "$which: exit $?; heartbeat renames $(grep 'heartbeats/' "$run.strace" | grep -c rename) over 4 steps x 2 ranks;" \
+  echo "$which: exit $?; heartbeat renames in the run directory $(grep "$run/heartbeats/" "$run.strace" | grep -c rename)," \
+       "on node-local storage $(grep -E 'shardtune-[0-9]+/heartbeats-' "$run.strace" | grep -c rename) over 4 steps x 2 ranks;" \
        "opens and renames under the run directory $(grep -c "$run" "$run.strace")"
 done

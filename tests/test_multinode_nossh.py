@@ -13,7 +13,8 @@ import pytest
 import helpers
 from helpers import REPO, TINY, losses
 from launcher.local import free_port
-from trainer.control import processes_of_run
+from trainer.control import known_heartbeats, processes_of_run
+from trainer.run_dir import RunDir
 
 pytestmark = pytest.mark.distributed
 
@@ -47,6 +48,10 @@ def test_two_node_launchers_form_one_world(tmp_path):
         assert f"node {rank}/2" in out and f"node_rank={rank}" in out, out[-3000:]  # DeepSpeed's per-node launcher
     values = losses(run_dir)
     assert len(values) == 4 and all(v == v for v in values)
-    # Both ranks took part: one heartbeat each, and ds_config was written for a world of 2.
-    assert sorted(p.name for p in (run_dir / "heartbeats").glob("rank*.json")) == ["rank0.json", "rank1.json"]
+    # Both ranks took part: each node launcher's summary holds its rank, done (the ranks beat into
+    # node-local storage, removed at the end), and ds_config was written for a world of 2.
+    summaries = sorted(p.name for p in RunDir(run_dir).node_summaries())
+    assert summaries == ["node-from-rank0.json", "node-from-rank1.json"], summaries
+    assert [(b["rank"], b["phase"]) for b in known_heartbeats(run_dir)] == [(0, "done"), (1, "done")]
+    assert not RunDir(run_dir).heartbeat_files()  # nothing per rank in the shared run directory
     assert json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"] == 2 * 2

@@ -25,7 +25,8 @@ from helpers import REPO, TINY, losses, metrics, train
 from helpers import subprocess_env as child_env  # renamed: pytest would collect subprocess_env
 import wandb_records as wandb_history  # test-only reader of W&B's offline files
 from trainer import checkpoint
-from trainer.control import EXIT_HUNG, EXIT_NONFINITE, EXIT_RESUME_ME
+from trainer.control import EXIT_HUNG, EXIT_NONFINITE, EXIT_RESUME_ME, known_heartbeats
+from trainer.run_dir import RunDir
 
 pytestmark = pytest.mark.distributed
 
@@ -51,7 +52,7 @@ def output(run_dir: Path) -> str:
 
 def wait_for_beat(run_dir: Path, rank: int, phase=None, min_step: int = 0, timeout: float = 240) -> dict:
     """Poll rank `rank`'s heartbeat until it is in `phase` (any if None) at step >= min_step."""
-    path = Path(run_dir) / "heartbeats" / f"rank{rank}.json"
+    path = RunDir(run_dir).node_heartbeats / f"rank{rank}.json"  # a local launch: node-local heartbeats
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -258,7 +259,7 @@ def test_t2_signals_stop_all_ranks_at_one_step_and_lose_nothing(reference, tmp_p
               f"{manifest.stat().st_mtime - signalled_at:.1f}s after the signal")
         assert checkpoint.verify(manifest.parent) is None
         assert checkpoint.read_state(manifest.parent).step == step
-        beats = [json.loads(p.read_text()) for p in (run_dir / "heartbeats").glob("rank*.json")]
+        beats = known_heartbeats(run_dir)  # the launcher's last summary: the node-local files are gone
         assert {(b["step"], b["phase"]) for b in beats} == {(step, "done")}, beats  # both ranks, same step
         assert [r["step"] for r in metrics(run_dir)] == list(range(1, step + 1))  # 0 steps lost
         if step == 6:  # the second launch resumed exactly where the signal stopped the first

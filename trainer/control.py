@@ -24,6 +24,9 @@ EXIT_FAILED = 1
 EXIT_NONFINITE = 3
 EXIT_HUNG = 4  # the launcher's watchdog found a rank that stopped answering, and ended the job
 EXIT_RESUME_ME = 75  # EX_TEMPFAIL: stopped cleanly at a checkpoint, resume to continue
+# Set by a node launcher for its ranks: the node-local folder they beat into (RunDir.node_heartbeats).
+# Unset (a hostfile launch over ssh, workers started by hand): the shared RunDir.heartbeats.
+HEARTBEAT_DIR_ENV = "SHARDTUNE_HEARTBEAT_DIR"
 
 
 def control_dir(run_dir: Path) -> Path:
@@ -117,7 +120,9 @@ class StopRequest:
 
 
 class Heartbeat:
-    """`<run.dir>/heartbeats/rank{r}.json`: the step and phase this rank is in, and when it last moved.
+    """`rank{r}.json`: the step and phase this rank is in, and when it last moved, in the folder its
+    launcher chose: node-local storage under a node launcher of ours (the shared filesystem sees
+    none of it; the launcher copies a summary there every 30 s), else `<run.dir>/heartbeats/`.
 
     `beat` and `touch` only note that in memory: they run per micro-batch, per eval batch, per generated
     token. A writer thread puts it in the file at most every `write_every_s`, and only when it changed
@@ -130,7 +135,7 @@ class Heartbeat:
     WRITE_EVERY_S = 2.0
 
     def __init__(self, run_dir: Path, rank: int, write_every_s: float = WRITE_EVERY_S):
-        self.path = RunDir(run_dir).heartbeat(rank)
+        self.path = rank_heartbeat(heartbeat_folder(run_dir), rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.step, self.phase, self.time = 0, "start", time.time()
@@ -166,8 +171,13 @@ class Heartbeat:
 
     def _write(self) -> None:  # with self._lock held (or before the writer starts)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": self.rank, "step": self.step, "phase": self.phase, "time": self.time,
-                                   "pid": os.getpid()}))
+        text = json.dumps({"rank": self.rank, "step": self.step, "phase": self.phase, "time": self.time,
+                           "pid": os.getpid()})
+        try:
+            tmp.write_text(text)
+        except FileNotFoundError:  # the folder was cleared (node-local storage, a launcher's cleanup)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
         os.replace(tmp, self.path)
         self._written = self._changes
 
@@ -272,24 +282,64 @@ def processes_of_run(run_dir: Path, node: Optional[str] = None) -> list[tuple[in
     return found
 
 
-def read_heartbeats(run_dir: Path, ranks: Optional[Iterable[int]] = None) -> list[dict]:
-    """The ranks' last heartbeats (`ranks`: only these; a node's launcher reads its own node's, so that
-    a 64-node job's launchers do not each read all 512 files every second from the shared filesystem)."""
-    beats = []
-    paths = RunDir(run_dir).heartbeat_files() if ranks is None else [RunDir(run_dir).heartbeat(r) for r in ranks]
+def heartbeat_folder(run_dir: Path) -> Path:
+    """Where this process's ranks beat: the folder its launcher named, else the shared one."""
+    chosen = os.environ.get(HEARTBEAT_DIR_ENV)
+    return Path(chosen) if chosen else RunDir(run_dir).heartbeats
+
+
+def rank_heartbeat(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"rank{rank}.json"
+
+
+def _read_json_files(paths: Iterable[Path]) -> list:
+    found = []
     for path in paths:
         try:
-            beats.append(json.loads(path.read_text()))
+            found.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    return beats
+    return found
+
+
+def read_heartbeats(run_dir: Path, ranks: Optional[Iterable[int]] = None, folder: Optional[Path] = None) -> list[dict]:
+    """The ranks' last heartbeats in `folder` (default: heartbeat_folder). `ranks`: only these; a node's
+    launcher reads its own node's, from node-local storage."""
+    folder = heartbeat_folder(run_dir) if folder is None else Path(folder)
+    paths = sorted(folder.glob("rank*.json")) if ranks is None else [rank_heartbeat(folder, r) for r in ranks]
+    return _read_json_files(paths)
+
+
+def known_heartbeats(run_dir: Path) -> list[dict]:
+    """Everything known of every rank from here, newest per rank: this process's folder, the shared
+    one, this machine's node-local one, and the node launchers' summaries (for other nodes' ranks)."""
+    rd = RunDir(run_dir)
+    beats = _read_json_files(rd.node_summaries())
+    beats = [b for summary in beats for b in summary.get("ranks", [])]
+    for folder in {heartbeat_folder(run_dir), rd.heartbeats, rd.node_heartbeats}:
+        beats += read_heartbeats(run_dir, folder=folder)
+    newest: dict = {}
+    for beat in beats:
+        if "rank" in beat and "time" in beat and beat["time"] >= newest.get(beat["rank"], {}).get("time", -1):
+            newest[beat["rank"]] = beat
+    return [newest[r] for r in sorted(newest)]
+
+
+def write_node_summary(run_dir: Path, folder: Path, first_rank: int, ranks: Optional[Iterable[int]] = None) -> None:
+    """Copy a node's heartbeats (node-local) into the shared run directory, as one small file."""
+    beats = read_heartbeats(run_dir, ranks, folder)
+    path = RunDir(run_dir).node_summary(first_rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # no fsync: liveness, rewritten within 30 s, not a record
+    tmp.write_text(json.dumps({"host": socket.gethostname(), "time": time.time(), "ranks": beats}))
+    os.replace(tmp, path)
 
 
 def stale_ranks(run_dir: Path, timeout_s: float, now: Optional[float] = None,
-                ranks: Optional[Iterable[int]] = None) -> list[dict]:
+                ranks: Optional[Iterable[int]] = None, folder: Optional[Path] = None) -> list[dict]:
     """Heartbeats of live ranks silent for more than `timeout_s`, oldest first (finished ranks excluded)."""
     now = time.time() if now is None else now
-    silent = [b for b in read_heartbeats(run_dir, ranks)
+    silent = [b for b in read_heartbeats(run_dir, ranks, folder)
               if b.get("phase") != "done" and now - b["time"] > timeout_s and process_state(b["pid"]) != "gone"]
     return sorted(silent, key=lambda b: (b["step"], b["time"]))
 
@@ -312,7 +362,7 @@ def likely_stuck(beats: list[dict]) -> list[dict]:
 
 def describe_stragglers(run_dir: Path) -> str:
     """Name the ranks that are behind or silent: the likely culprits of a collective timeout."""
-    beats = read_heartbeats(run_dir)
+    beats = known_heartbeats(run_dir)
     if not beats:
         return "no heartbeats found"
     now = time.time()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from trainer.control import known_heartbeats
 from trainer.run_dir import RunDir
 
 EXIT_MEANINGS = {0: "finished", 75: "stopped (resumable: train again with the same run.dir)",
@@ -64,14 +65,8 @@ def read_status(run_dir: Path, config: Dict[str, Any]) -> Dict[str, Any]:
                     "detail": info.get("detail", "")}
         except (ValueError, TypeError):
             return {"state": "failed", "code": None, "meaning": "unreadable control/exit.json", "detail": ""}
-    beats, pids = [], []
-    for path in RunDir(run_dir).heartbeat_files():
-        try:
-            beat = json.loads(path.read_text())
-            beats.append(beat["time"])
-            pids.append(beat.get("pid"))
-        except (OSError, ValueError, KeyError):
-            continue
+    known = known_heartbeats(run_dir)  # this node's, the shared folder's and the node launchers' summaries
+    beats, pids = [b["time"] for b in known], [b.get("pid") for b in known]
     timeout = (config.get("cluster") or {}).get("heartbeat_timeout_s", 120)
     if beats and _ranks_gone(run_dir, config, pids):
         return {"state": "unknown", "code": None, "meaning": "no exit status and no rank process left: the run "

@@ -10,7 +10,9 @@ stop` import it without loading the worker's dependencies.
     launches.jsonl     one line per launch into this directory (resumes append)
     metrics.jsonl      one line per logged step and evaluation (rank 0)
     checkpoints/       step-NNNNNNNN/ folders, each committed by its manifest
-    heartbeats/        rank<N>.json: each rank's last sign of life (the launcher's watchdog reads them)
+    heartbeats/        node-from-rank<N>.json: each node launcher's summary of its ranks' heartbeats (which
+                       live on node-local storage, RunDir.node_heartbeats); rank<N>.json when no launcher
+                       of ours runs on each node (hostfile over ssh): each rank's last sign of life
     control/           stop (a request), exit.json (how the ranks ended), resume.json (the launcher's
                        decision of what the ranks resume from), launch.lock
     generations.jsonl  the evaluation's generations; timing/, profile/: step-time breakdowns
@@ -26,7 +28,10 @@ stop` import it without loading the worker's dependencies.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -137,6 +142,8 @@ class RunDir:
 
     @property
     def heartbeats(self) -> Path:
+        """Shared: the ranks' heartbeats when no launcher of ours runs on every node (a hostfile launch
+        over ssh, workers started by hand), and each node launcher's summary of its own ranks."""
         return self.path / "heartbeats"
 
     def heartbeat(self, rank: int) -> Path:
@@ -144,6 +151,22 @@ class RunDir:
 
     def heartbeat_files(self) -> List[Path]:
         return sorted(self.heartbeats.glob("rank*.json"))
+
+    def node_summary(self, first_rank: int) -> Path:
+        """A node launcher's copy of its ranks' last heartbeats (node-local ones), every 30 s at most."""
+        return self.heartbeats / f"node-from-rank{first_rank}.json"
+
+    def node_summaries(self) -> List[Path]:
+        return sorted(self.heartbeats.glob("node-from-rank*.json"))
+
+    @property
+    def node_heartbeats(self) -> Path:
+        """Node-local: where the ranks of a node launcher beat (memory-backed /dev/shm where it exists, else
+        the temp folder), one folder per run directory, so the shared filesystem sees none of it."""
+        shm = Path("/dev/shm")
+        root = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+        run_id = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return root / f"shardtune-{os.getuid()}" / f"heartbeats-{run_id}"
 
     @property
     def export(self) -> Path:

@@ -17,6 +17,7 @@ import pytest
 
 from helpers import REPO, TINY, losses, metrics, subprocess_env, train
 from launcher.slurm_env import derive_port
+from trainer.run_dir import RunDir
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 
@@ -46,7 +47,8 @@ def _train_steps(run_dir: Path) -> list:
 
 def _beat(run_dir: Path, rank: int) -> dict:
     try:
-        return json.loads((run_dir / "heartbeats" / f"rank{rank}.json").read_text())
+        # The local cluster's nodes share this machine's /dev/shm, where node launchers' ranks beat.
+        return json.loads((RunDir(run_dir).node_heartbeats / f"rank{rank}.json").read_text())
     except (FileNotFoundError, ValueError):
         return {}
 
