@@ -32,7 +32,8 @@ for which in before after; do
   run=$OUT/hb_$which
   (cd "$dir" && PYTHONPATH=$dir strace -f -qq -e trace=rename,renameat,renameat2,openat -o "$run.strace" \
      $PY -m launcher.cli train run.dir="$run" train.max_steps=4 train.grad_accum=8 train.micro_batch_size=1 $QUIET >"$run.log" 2>&1)
-  echo "$which: exit $?; heartbeat renames in the run directory $(grep "$run/heartbeats/" "$run.strace" | grep -c rename)," \
+  echo "$which: exit $?; heartbeat renames in the run directory $(grep "$run/heartbeats/" "$run.strace" | grep -c rename)" \
+       "(node summaries: $(grep "$run/heartbeats/node-" "$run.strace" | grep -c rename))," \
        "on node-local storage $(grep -E 'shardtune-[0-9]+/heartbeats-' "$run.strace" | grep -c rename) over 4 steps x 2 ranks;" \
        "opens and renames under the run directory $(grep -c "$run" "$run.strace")"
 done

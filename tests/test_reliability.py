@@ -320,33 +320,41 @@ def test_t8_nonfinite_loss_and_gradients_are_skipped_then_abort(tmp_path):
 
 
 # ---------------------------------------------------------------- T12
-def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path):
+@pytest.mark.parametrize("phase", ["training", "setup:model"])
+def test_t12_a_stopped_rank_fails_the_job_naming_it(tmp_path, phase):
+    """SIGSTOP of rank 1 while it trains, or while it loads its model (a set-up phase kept alive by a
+    thread for up to cluster.setup_timeout_s, since it cannot report progress: SIGSTOP stops that too)."""
     run_dir = tmp_path / "hung"
     timeout_s = 20  # a healthy rank may be silent for seconds on a loaded machine
-    job = start(run_dir, "train.max_steps=400", "checkpoint.every_steps=0", f"cluster.heartbeat_timeout_s={timeout_s}")
-    beat = wait_for_beat(run_dir, rank=1, min_step=3)
+    slow_load = ["+train.fault_injection.setup_delay_s=300", "+train.fault_injection.setup_delay_rank=1"]
+    job = start(run_dir, "train.max_steps=400", "checkpoint.every_steps=0", f"cluster.heartbeat_timeout_s={timeout_s}",
+                *(slow_load if phase != "training" else []))
+    beat = wait_for_beat(run_dir, rank=1, min_step=3) if phase == "training" else wait_for_beat(run_dir, 1, phase)
     os.kill(beat["pid"], signal.SIGSTOP)
     stopped_at = time.time()
     code = job.wait(timeout=120)
     exit_s = time.time() - stopped_at
     leftovers = processes_left(run_dir)
     text = output(run_dir)
-    print(f"T12: SIGSTOP rank 1 at step {beat['step']}: job ended {exit_s:.1f}s later (timeout {timeout_s}s), "
-          f"exit {code}; {len(leftovers)} processes left")
+    print(f"T12: SIGSTOP rank 1 at step {beat['step']}, phase {beat['phase']}: job ended {exit_s:.1f}s later "
+          f"(timeout {timeout_s}s), exit {code}; {len(leftovers)} processes left")
     assert code == EXIT_HUNG and exit_s <= timeout_s + 20 and leftovers == []
     stuck = text[text.index("stuck: "):].splitlines()[0]
     assert "rank 1 " in stuck and "stopped" in stuck and "at step" in stuck, text[-3000:]
+    if phase != "training":
+        assert f"phase {phase}" in stuck, stuck
 
 
 def test_a_generation_slower_than_the_silence_limit_is_not_a_hang(tmp_path):
     """Under ZeRO-3 every generated token gathers the whole model: a large model's baseline generation
     outlasted the silence limit and the job was ended at step 0 (exit 4) while nothing was stuck. Each
     token now tells the heartbeat; here every token takes 1 s against a 6 s limit, and the run finishes.
+    The model load (a set-up phase, which cannot report progress) takes 10 s too: a keepalive covers it.
     (A rank that truly stops is still named within the limit: T12.)"""
     run_dir, limit_s = tmp_path / "slow", 6
     proc = run_ok(run_dir, "train.max_steps=2", "eval.baseline=false", "eval.prompts=[Hello]", "eval.prompts_file=null",
                   "eval.max_new_tokens=10", f"cluster.heartbeat_timeout_s={limit_s}",
-                  "+train.fault_injection.token_delay_s=1")
+                  "+train.fault_injection.token_delay_s=1", "+train.fault_injection.setup_delay_s=10")
     evals = metrics(run_dir, "eval")
     print(f"slow generation: eval phases of {[round(r['eval_time_s'], 1) for r in evals]} s, limit {limit_s} s")
     assert evals and all(r["eval_time_s"] > limit_s for r in evals), evals

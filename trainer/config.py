@@ -278,6 +278,10 @@ class ClusterConfig:
     allocator: str = one_of("auto", "jemalloc", "tcmalloc", "glibc", default="auto")
     timeout_s: int = 300  # collective timeout: a dead or stuck rank fails the job after this
     heartbeat_timeout_s: int = 120  # a rank silent this long is named as hung and the job ends
+    # model loading, engine set-up, resume (phases that cannot report progress): a rank in one is kept
+    # alive this long, then judged by heartbeat_timeout_s; data preparation and reference passes report
+    # their own progress, so they are never cut short
+    setup_timeout_s: int = 1800
     env: Dict[str, str] = field(default_factory=dict)  # NCCL_/GLOO_ settings passed to every rank
     # GPUs to use, in DeepSpeed's --include/--exclude syntax ("localhost:2,3", "node1:0,1@node2"): GPU runs
     # of cluster=local and cluster=hostfile over ssh; CUDA_VISIBLE_DEVICES and hostfile slots= need none

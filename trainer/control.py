@@ -119,6 +119,17 @@ class StopRequest:
         return "stop requested"
 
 
+_ACTIVE: list = []  # this process's Heartbeat, once a rank has one (progress() touches it)
+
+
+def progress() -> None:
+    """Still working: called from inside long loops that know nothing of ranks (data preparation per
+    chunk, a wait for another node's preparation per poll, a reference pass per batch). A no-op
+    outside a rank; cheap inside (the heartbeat's writer thread bounds the file writes)."""
+    if _ACTIVE:
+        _ACTIVE[-1].touch()
+
+
 class Heartbeat:
     """`rank{r}.json`: the step and phase this rank is in, and when it last moved, in the folder its
     launcher chose: node-local storage under a node launcher of ours (the shared filesystem sees
@@ -143,6 +154,7 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._write()  # the launcher sees this rank from its start
+        _ACTIVE[:] = [self]
         threading.Thread(target=self._write_every, args=(write_every_s,), name="heartbeat-writer",
                          daemon=True).start()
 
@@ -189,7 +201,7 @@ class Heartbeat:
                 pass  # a full or lost disk: the rank's own writes say so; the watchdog sees the silence
 
     @contextlib.contextmanager
-    def keepalive(self, limit_s: float, every_s: float = 5.0):
+    def keepalive(self, limit_s: float, every_s: float = 1.0):  # a touch is in memory: cheap
         """Touch the heartbeat from a thread while this one runs a long phase that cannot beat
         (a checkpoint save or an export of a large model on slow storage is not a hang), for up
         to `limit_s`; after that the watchdog judges the silence as usual. A rank stuck in a

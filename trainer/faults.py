@@ -12,6 +12,7 @@ of them; `*_rank` keys limit a fault to one rank (default: every rank, or rank 0
     stop_at_step                     a stop request arrives during the step
     token_delay_s                    seconds every generated token takes (a generation slower than
                                      the watchdog's silence limit, as a large model's under ZeRO-3)
+    setup_delay_s, setup_delay_rank  seconds the model load takes (a large model on a slow filesystem)
 An empty dict (the default) injects nothing.
 """
 from __future__ import annotations
@@ -52,6 +53,11 @@ class Faults:
             end = time.monotonic() + float(self.spec.get("pause_seconds", 60))
             while time.monotonic() < end and not (stop is not None and stop.requested()):
                 time.sleep(min(0.1, max(end - time.monotonic(), 0)))
+
+    def delay_setup(self) -> None:
+        wanted = self.spec.get("setup_delay_rank")
+        if self.spec.get("setup_delay_s") and (wanted is None or wanted == self.rank):
+            time.sleep(float(self.spec["setup_delay_s"]))
 
     def save_write_delay_s(self) -> float:
         """Seconds the background checkpoint writer waits before each file: a slow disk, so that a

@@ -70,22 +70,33 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
 
     log = make_logger(info)
     ds_config = load_ds_config(run_dir, cfg, info)
-    tokenizer = build_tokenizer(cfg.model)
-    # One process per node tokenizes (cached on disk); the others wait on a lock file, not a collective.
+    # From the first moment: the launcher's watchdog sees set-up phases too, named in a hang report.
+    heartbeat = Heartbeat(run_dir, info.rank)
+    faults = Faults(cfg.train.fault_injection, info.rank)
+    in_setup = lambda phase: setup_phase(heartbeat, phase, cfg.cluster.setup_timeout_s)  # noqa: E731
+    with in_setup("setup:tokenizer"):
+        tokenizer = build_tokenizer(cfg.model)
     objective = build_objective(cfg)
+    # One process per job prepares the data (cached on disk); the others wait on a lease, not a
+    # collective. Both report progress from inside (per chunk, per poll): no keepalive needed.
+    heartbeat.beat(0, "setup:data")
     train_set, eval_set = build_datasets(cfg, tokenizer, log=log)  # the shape the objective reads
     log(f"data: train {train_set.describe()}; eval {eval_set.describe() if eval_set else 'none'}")
     sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                  info.world_size, info.rank, cfg.seed, cfg.data.shuffle)
-    model = build_model(cfg.model, cfg.peft, ds_config, info.device, cfg.seed)
+    with in_setup("setup:model"):
+        faults.delay_setup()
+        model = build_model(cfg.model, cfg.peft, ds_config, info.device, cfg.seed)
     trainable, total = count_parameters(model)
     log(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%); "
         f"memory allocator: {allocator_in_use()}")
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config, dist_init_required=False)
-    if objective.reference == "precomputed":  # from the weights as built: before any checkpoint is loaded
+    with in_setup("setup:engine"):  # may build DeepSpeed's ops (minutes on a cold cache)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config, dist_init_required=False)
+    if objective.reference == "precomputed":
+        heartbeat.beat(0, "setup:reference")  # the pass reports progress per batch  # from the weights as built: before any checkpoint is loaded
         from trainer.distributed import sum_across_ranks
         from trainer.objectives.reference import attach_reference
 
@@ -97,15 +108,15 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     base = None if checkpoint.holds_frozen_base(cfg) and resume_from is None else base_record(cfg.model, cfg.seed)
     if resume_from is not None:
         load_started = time.perf_counter()
-        state = checkpoint.load(engine, resume_from, info, base)
+        with in_setup("setup:resume"):
+            state = checkpoint.load(engine, resume_from, info, base)
         warn_if_data_changed(state.data, sampler, log)
         log(f"resumed from {resume_from} at step {state.step} (loaded in {time.perf_counter() - load_started:.2f}s)")
     cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     sinks = build_sinks(cfg, cfg_dict, run_dir, info.is_main, state.step)
     ctx = TrainContext(cfg=cfg, info=info, run_dir=run_dir, engine=engine, tokenizer=tokenizer,
                        train_set=train_set, eval_set=eval_set, sampler=sampler, sinks=sinks,
-                       stop=StopRequest(run_dir), heartbeat=Heartbeat(run_dir, info.rank), log=log,
-                       faults=Faults(cfg.train.fault_injection, info.rank), objective=objective,
+                       stop=StopRequest(run_dir), heartbeat=heartbeat, log=log, faults=faults, objective=objective,
                        base=None if checkpoint.holds_frozen_base(cfg) else base)
     if cfg.train.timing:
         from trainer.timing import PhaseTimer
@@ -119,6 +130,14 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
 
         ctx.on_finish = export_final  # HF model / adapter in <run.dir>/export, gathered under ZeRO-3
     return ctx, state
+
+
+def setup_phase(heartbeat, phase: str, limit_s: float):
+    """A set-up phase that cannot report progress from inside (a model load, DeepSpeed's set-up): its
+    name in the heartbeat, and a keepalive for up to cluster.setup_timeout_s. A rank stopped for good
+    still goes silent (SIGSTOP stops its keepalive too); one stuck in it past the limit is named."""
+    heartbeat.beat(0, phase)
+    return heartbeat.keepalive(limit_s=limit_s)
 
 
 def warn_if_data_changed(saved: dict, sampler, log) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from trainer.config import DataConfig
+from trainer.control import progress
 from trainer.data.errors import DataError
 
 # Bump when the prepared format or the rendering rules change: old entries then miss.
@@ -176,6 +177,7 @@ def get_or_prepare(root: Path, key: str, prepare: Callable[[Path], dict], log=No
         if log and time.time() - last_note > 30:
             log(f"waiting for another process to prepare {final} ({lock} held)")
             waited, last_note = False, time.time()
+        progress()  # waiting on a live preparer (its lease is renewed) is not a hang
         time.sleep(poll_s)
         poll_s = min(poll_s * 1.5, max(poll_s, MAX_POLL_S))
     lease = _Lease(lock, lease_s[0])

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from trainer.config import DataConfig
+from trainer.control import progress
 from trainer.data import formats, sources
 from trainer.data.errors import UNSKIPPABLE, DataError
 from trainer.data.render import render, tokenize
@@ -123,6 +124,7 @@ def processed(process: Callable[[list], list], records: Iterator, cfg: DataConfi
     chunks = _chunks(records, CHUNK)
     try:
         for chunk_results in (pool.imap(process, chunks) if pool else map(process, chunks)):
+            progress()  # a large dataset's preparation is long, not hung
             for result in chunk_results:
                 if isinstance(result, DataError):
                     # A damaged archive loses the rest of its file, not one record: never skipped.

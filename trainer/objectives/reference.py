@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from trainer.config import RootConfig
+from trainer.control import progress
 from trainer.data import cache
 from trainer.data.preference import PreferenceDataset
 from trainer.objectives import sequence_logps, unwrap
@@ -103,6 +104,7 @@ def compute_reference(cfg: RootConfig, dataset: PreferenceDataset, engine, objec
             start = b * mbs * info.world_size + info.rank * mbs
             mine = list(range(start, min(start + mbs, units)))
             logps = _reference_of_rows(engine, objective, everything, mine or [0], info.device)
+            progress()  # a pass over a large dataset is long, not hung
             if mine:
                 local[mine[0] - span.start: mine[-1] + 1 - span.start] = logps
                 computed += len(mine)
