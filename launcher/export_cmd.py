@@ -21,6 +21,7 @@ import torch
 from trainer.gguf_export import QUANTS as GGUF_QUANTS
 from trainer.gguf_export import SUPPORTED as GGUF_SUPPORTED
 from trainer.gguf_export import GGUFExportError
+from trainer.peft_methods import method as peft_method
 from trainer.peft_methods import vllm_problem
 from trainer.run_dir import RunDir
 from trainer.train_state import TrainState
@@ -145,9 +146,8 @@ def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, mer
     """Rebuild the peft model on CPU, load the checkpoint into it, write the adapter or merged model."""
     from trainer.model import base_problem, base_record, build_model, build_tokenizer, model_dir
 
-    if merge and cfg.peft.method == "prefix_tuning":
-        raise SystemExit("--merge: prefix tuning adds key/value prefixes, not weight deltas, so it cannot be "
-                         "merged; export the adapter (without --merge)")
+    if merge and peft_method(cfg.peft.method).no_merge:
+        raise SystemExit(f"--merge: {peft_method(cfg.peft.method).no_merge}; export the adapter (without --merge)")
     if saved_base is not None:
         problem = base_problem(saved_base, base_record(cfg.model, cfg.seed), "the checkpoint")
         if problem:

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from trainer.allocator import choose as choose_allocator
 from trainer.config import ConfigError, RootConfig
+from trainer.peft_methods import method as peft_method
 from trainer.preflight import (GB, Estimate, Setup, available_bytes_per_rank, estimate, format_table,
                                lora_dropout_values, lora_output_values, setup_from_config, shape_from_config_dict,
                                verdict, DS_PERSISTENCE_THRESHOLD)
@@ -42,7 +43,7 @@ def model_config_dict(cfg: RootConfig) -> dict:
 def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:
     """Shape, setup and estimate for a composed config."""
     lora = None
-    if cfg.peft.method in ("lora", "dora"):
+    if cfg.peft.method != "none" and peft_method(cfg.peft.method).rank_adapter:
         targets = cfg.peft.target_modules
         if targets == "family":
             from trainer.families import lora_targets

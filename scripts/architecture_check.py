@@ -4,7 +4,8 @@
 
 Prints: import cycles among launcher/ and trainer/ modules (module-level and in-function imports
 alike), imports from the launcher into trainer modules, in-function imports, and run-directory file
-names written as literals outside their owner.
+names written as literals outside their owner, and code that tests for a peft method by name outside
+the method table.
 """
 from __future__ import annotations
 
@@ -33,7 +34,12 @@ def imports(path: Path, known: dict):
     tree = ast.parse(path.read_text())
     in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for n in ast.walk(f)}
+    # `if TYPE_CHECKING:` imports are for annotations only: never run, so never part of a cycle.
+    typing_only = {id(n) for f in ast.walk(tree) if isinstance(f, ast.If) and isinstance(f.test, ast.Name)
+                   and f.test.id == "TYPE_CHECKING" for n in ast.walk(f)}
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
@@ -63,6 +69,26 @@ LITERAL = re.compile(r'"(config\.yaml|ds_config\.json|env\.json|launches\.jsonl|
                      r'slurm_jobs\.jsonl|wandb_run_id|wandb_run\.json|deepspeed_env)"')
 
 
+def peft_method_literals(mods: dict) -> list:
+    """Code (not docstrings or messages) that names a peft method outside its table: a string constant
+    that is exactly a method's name, compared against or looked up."""
+    sys.path.insert(0, str(ROOT))
+    from trainer.peft_methods import METHODS
+
+    found = []
+    for name, path in mods.items():
+        if name == "trainer.peft_methods":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                constants = [c for o in operands for c in ([o] if not isinstance(o, (ast.Tuple, ast.List, ast.Set))
+                                                            else o.elts)]
+                if any(isinstance(c, ast.Constant) and c.value in METHODS for c in constants):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
 def measure() -> dict:
     mods = modules()
     graph, in_function, launcher_to_trainer = {}, 0, []
@@ -78,7 +104,8 @@ def measure() -> dict:
     literals = [f"{path.relative_to(ROOT)}:{number}" for name, path in mods.items() if name != "trainer.run_dir"
                 for number, line in enumerate(path.read_text().splitlines(), 1) if LITERAL.search(line)]
     return {"cycles": sorted(cycles(graph)), "in_function_imports": in_function,
-            "launcher_to_trainer": launcher_to_trainer, "run_dir_literals": literals}
+            "launcher_to_trainer": launcher_to_trainer, "run_dir_literals": literals,
+            "peft_method_literals": peft_method_literals(mods)}
 
 
 def main() -> int:
@@ -91,6 +118,9 @@ def main() -> int:
     print(f"launcher -> trainer imports: {len(pairs)} (of {len({t for _, t in pairs})} trainer modules)")
     print(f"run-directory file names as literals outside trainer/run_dir.py: {len(facts['run_dir_literals'])}")
     for where in facts["run_dir_literals"]:
+        print("   ", where)
+    print(f"peft method names compared outside trainer/peft_methods.py: {len(facts['peft_method_literals'])}")
+    for where in facts["peft_method_literals"]:
         print("   ", where)
     return 0
 

@@ -18,6 +18,7 @@ def test_no_import_cycles_and_run_dir_names_have_one_owner():
     facts = measured()
     assert facts["cycles"] == [], facts["cycles"]
     assert facts["run_dir_literals"] == [], "name run-directory files through trainer.run_dir.RunDir"
+    assert facts["peft_method_literals"] == [], "say what a peft method does in trainer/peft_methods.py's table"
 
 
 def test_the_run_dir_reader_skips_a_line_being_written(tmp_path):

@@ -38,6 +38,7 @@ import torch
 
 from trainer.distributed import DistInfo, barrier
 from trainer.model import base_problem
+from trainer.peft_methods import METHODS as PEFT_METHODS
 from trainer.run_dir import RunDir
 from trainer.train_state import FILE as TRAIN_STATE_FILE, TrainState
 
@@ -412,9 +413,9 @@ def read_state(folder: Path) -> TrainState:
 # The settings that decide which parameters (and optimizer moments) a checkpoint holds. Resuming
 # with others fails deep inside DeepSpeed on every rank, or, worse, loads (the shapes agree: a
 # different base model of one architecture) and trains on the checkpoint's weights unannounced.
-LAYOUT_KEYS = {"none": (), "lora": ("r", "target_modules", "modules_to_save"),
-               "dora": ("r", "target_modules", "modules_to_save"), "ia3": ("target_modules", "modules_to_save"),
-               "prefix_tuning": ("num_virtual_tokens",)}
+def layout_keys(peft_method: str) -> tuple:
+    entry = PEFT_METHODS.get(peft_method)  # the peft method table; none (full fine-tuning): no keys
+    return entry.layout_keys if entry else ()
 
 
 def _model_name(name_or_path: str) -> str:
@@ -423,10 +424,10 @@ def _model_name(name_or_path: str) -> str:
 
 
 def layout_of(cfg) -> Dict[str, Any]:
-    """{config key: value} for the settings in LAYOUT_KEYS (saved with every checkpoint)."""
+    """{config key: value} for the settings that shape the checkpoint (saved with every checkpoint)."""
     layout = {"model.name_or_path": _model_name(cfg.model.name_or_path), "model.gguf_file": cfg.model.gguf_file,
               "model.frozen_modules": list(cfg.model.frozen_modules), "peft.method": cfg.peft.method}
-    for key in LAYOUT_KEYS.get(cfg.peft.method, ()):
+    for key in layout_keys(cfg.peft.method):
         value = getattr(cfg.peft, key)
         layout[f"peft.{key}"] = value if isinstance(value, (str, int)) or value is None else list(value)
     return layout

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from trainer.peft_methods import NAMES as PEFT_METHODS
 from trainer.run_dir import RunDir
 
 
@@ -124,7 +125,7 @@ class ObjectiveConfig:
 @dataclass
 class PeftConfig:
     # the peft method; none: full fine-tuning
-    method: str = one_of("none", "lora", "dora", "ia3", "prefix_tuning", default="none")
+    method: str = one_of(*PEFT_METHODS, default="none")  # the table in trainer/peft_methods.py
     r: int = 8  # LoRA/DoRA rank
     alpha: int = 16  # LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.0  # dropout on the LoRA branch's input

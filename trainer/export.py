@@ -24,7 +24,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from trainer.peft_methods import vllm_problem
+from trainer.peft_methods import adapter_weight_markers, vllm_problem
 from trainer.run_dir import RunDir
 from trainer.weights import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -194,7 +194,7 @@ def base_weight_names(peft_model) -> Iterable[Tuple[str, str, torch.nn.Parameter
     """(peft name, plain HF name, param) for the base model's own weights under a peft wrapper."""
     prefix = "base_model.model."
     for name, param in peft_model.named_parameters():
-        if param.requires_grad or "lora_" in name or "ia3_" in name or "prompt_encoder" in name:
+        if param.requires_grad or any(marker in name for marker in adapter_weight_markers()):
             continue
         plain = name[len(prefix):] if name.startswith(prefix) else name
         yield name, plain.replace(".base_layer.", ".").replace(".original_module.", "."), param

@@ -1,4 +1,4 @@
-"""Parameter-efficient methods through peft, built from the `peft` config node.
+"""Parameter-efficient methods through peft: one table, `METHODS`, says everything about each.
 
     peft=lora           LoRA (r, alpha, dropout, target_modules, rsLoRA, modules_to_save)
     peft=dora           LoRA with weight decomposition (DoRA)
@@ -8,12 +8,20 @@
 
 `peft.target_modules` is "all-linear" (every linear layer but the output head), "family" (the
 model family's attention + MLP projections, see trainer/families.py) or an explicit list.
+
+Adding a method is one `PeftMethod` entry here (its build, the settings that shape its checkpoint,
+its targets for the pre-launch check, whether it merges, packs, keeps the base's forward, what vLLM
+says of it) plus `configs/peft/<name>.yaml` for `peft=<name>`; the valid values of peft.method, the
+checkpoint layout check, export, packing, preflight and validation read the table. Torch-free at
+import (peft is imported when a method is built), so the config schema can list the names.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from trainer.config import PeftConfig
+if TYPE_CHECKING:
+    from trainer.config import PeftConfig
 
 # (IA)^3 scales keys, values and the input of the MLP's down projection (the paper's choice, and
 # peft's own default for Llama); the same module names serve every Llama-style family we ship.
@@ -21,20 +29,93 @@ IA3_TARGETS: Tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD: Tuple[str, ...] = ("down_proj",)
 
 
-# Why vLLM's LoRA loader refuses an adapter (None: it serves it). --merge gives a plain model instead.
-VLLM_REFUSES = {
-    "lora": None,
-    "dora": "vLLM serves plain LoRA only; DoRA's magnitude vectors are not loaded",
-    "ia3": "vLLM serves LoRA adapters only, not (IA)^3 scaling vectors",
-    "prefix_tuning": "vLLM serves LoRA adapters only, not prefix-tuning key/value prefixes",
-}
+@dataclass(frozen=True)
+class PeftMethod:
+    name: str
+    build: Callable[[PeftConfig, str], Any]  # (peft node, model family) -> the peft config object
+    layout_keys: Tuple[str, ...]  # the peft.* settings that decide which tensors a checkpoint holds
+    weight_markers: Tuple[str, ...]  # substrings naming the method's own parameters (not the base's)
+    # (peft node, family) -> the module names it targets, checked against the model before launch; None: no check
+    named_targets: Optional[Callable[[PeftConfig, str], List[str]]] = None
+    rank_adapter: bool = False  # LoRA-style rank-r matrices: peft.r applies; preflight's LoRA memory terms
+    no_merge: Optional[str] = None  # why it cannot be merged into the base (None: it can)
+    no_packing: Optional[str] = None  # why packed documents would leak into each other (None: safe)
+    changes_base_forward: bool = False  # the base model alone differs from the untrained adapter's model
+    vllm_refuses: Optional[str] = None  # why vLLM's LoRA loader refuses it (None: vLLM serves it)
+    on_zero3: Optional[Callable[[Any], int]] = None  # a fix-up of the wrapped model under ZeRO-3
+
+
+def _lora(cfg: PeftConfig, family: str, dora: bool):
+    import peft
+
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_targets(cfg, family),
+                           use_rslora=cfg.use_rslora, use_dora=dora, **_common(cfg))
+
+
+def _ia3(cfg: PeftConfig, family: str):
+    import peft
+
+    targets, feedforward = _ia3_targets(cfg)
+    return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **_common(cfg))
+
+
+def _prefix(cfg: PeftConfig, family: str):
+    import peft
+
+    return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **_common(cfg))
+
+
+def _common(cfg: PeftConfig) -> dict:
+    return dict(task_type="CAUSAL_LM", modules_to_save=list(cfg.modules_to_save) or None)
+
+
+def _lora_named_targets(cfg: PeftConfig, family: str) -> List[str]:
+    """Names only when they are names (not all-linear or a regex)."""
+    if cfg.target_modules == "family" or not isinstance(cfg.target_modules, str):
+        return list(_targets(cfg, family))
+    return []
+
+
+LORA_LAYOUT = ("r", "target_modules", "modules_to_save")
+METHODS: Dict[str, PeftMethod] = {m.name: m for m in (
+    PeftMethod("lora", lambda cfg, family: _lora(cfg, family, dora=False), LORA_LAYOUT, ("lora_",),
+               named_targets=_lora_named_targets, rank_adapter=True),
+    PeftMethod("dora", lambda cfg, family: _lora(cfg, family, dora=True), LORA_LAYOUT, ("lora_",),
+               named_targets=_lora_named_targets, rank_adapter=True,
+               vllm_refuses="vLLM serves plain LoRA only; DoRA's magnitude vectors are not loaded",
+               on_zero3=lambda model: _register_dora_base_weights(model)),
+    PeftMethod("ia3", _ia3, ("target_modules", "modules_to_save"), ("ia3_",),
+               named_targets=lambda cfg, family: _ia3_targets(cfg)[0],
+               vllm_refuses="vLLM serves LoRA adapters only, not (IA)^3 scaling vectors"),
+    PeftMethod("prefix_tuning", _prefix, ("num_virtual_tokens",), ("prompt_encoder",),
+               no_merge="prefix tuning adds key/value prefixes, not weight deltas, so it cannot be merged",
+               no_packing="the virtual tokens are a KV cache, which disables the per-document attention and "
+                          "leaks across documents",
+               changes_base_forward=True,
+               vllm_refuses="vLLM serves LoRA adapters only, not prefix-tuning key/value prefixes"),
+)}
+NAMES: Tuple[str, ...] = ("none", *METHODS)  # the valid values of peft.method (none: full fine-tuning)
+
+
+def method(name: str) -> Optional[PeftMethod]:
+    """The table's entry for peft.method=`name`; None for full fine-tuning."""
+    if name == "none":
+        return None
+    if name not in METHODS:
+        raise ValueError(f"peft.method={name!r} is not a peft method; choose one of {', '.join(NAMES)}")
+    return METHODS[name]
+
+
+def adapter_weight_markers() -> Tuple[str, ...]:
+    return tuple(marker for m in METHODS.values() for marker in m.weight_markers)
 
 
 def vllm_problem(cfg: PeftConfig) -> Optional[str]:
     """Why vLLM (`--enable-lora`) cannot serve this adapter as exported, or None."""
-    if cfg.method == "none":
+    entry = method(cfg.method)
+    if entry is None:
         return None
-    reason = VLLM_REFUSES.get(cfg.method, f"vLLM does not know peft method {cfg.method!r}")
+    reason = entry.vllm_refuses
     if reason is None and cfg.modules_to_save:
         reason = f"peft.modules_to_save={list(cfg.modules_to_save)} adds whole trained modules, which vLLM's LoRA loader refuses"
     return reason
@@ -58,19 +139,7 @@ def _ia3_targets(cfg: PeftConfig) -> Tuple[List[str], List[str]]:
 
 def peft_config(cfg: PeftConfig, family: str):
     """The peft config object for `cfg` (method none has none)."""
-    import peft
-
-    common = dict(task_type="CAUSAL_LM", modules_to_save=list(cfg.modules_to_save) or None)
-    if cfg.method in ("lora", "dora"):
-        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=_targets(cfg, family), use_rslora=cfg.use_rslora,
-                               use_dora=cfg.method == "dora", **common)
-    if cfg.method == "ia3":
-        targets, feedforward = _ia3_targets(cfg)
-        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, **common)
-    if cfg.method == "prefix_tuning":
-        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    raise ValueError(f"peft.method={cfg.method!r} is not a peft method; choose lora, dora, ia3 or prefix_tuning")
+    return method(cfg.method).build(cfg, family)
 
 
 def _register_dora_base_weights(model) -> int:
@@ -92,11 +161,8 @@ def _register_dora_base_weights(model) -> int:
 
 def _named_targets(cfg: PeftConfig, family: str) -> List[str]:
     """The module names the method will look for, when they are names (not all-linear or a regex)."""
-    if cfg.method == "ia3":
-        return _ia3_targets(cfg)[0]
-    if cfg.method in ("lora", "dora") and (cfg.target_modules == "family" or not isinstance(cfg.target_modules, str)):
-        return list(_targets(cfg, family))
-    return []
+    entry = METHODS.get(cfg.method)  # validation names an unknown method on its own
+    return entry.named_targets(cfg, family) if entry is not None and entry.named_targets else []
 
 
 def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code: bool = False) -> Optional[str]:
@@ -135,7 +201,7 @@ def target_problem(cfg: PeftConfig, family: str, model_folder, trust_remote_code
         origin = "peft.target_modules"
     return (f"peft={cfg.method}: {origin} {wanted} match no module of {config.model_type} ({model_folder}); its "
             f"linear layers are {linear}: set peft.target_modules=[...] from those" +
-            (" or peft.target_modules=all-linear" if cfg.method in ("lora", "dora") else ""))
+            (" or peft.target_modules=all-linear" if method(cfg.method).rank_adapter else ""))
 
 
 def has_fused_experts(model) -> bool:
@@ -174,7 +240,8 @@ def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
 
     if cfg.quantize_4bit:  # validate.py refuses this before launch; a hand-written run dir still hears why
         raise NotImplementedError("peft.quantize_4bit=true (QLoRA) is not implemented yet; use peft=lora")
-    split_dropout = cfg.method in ("lora", "dora") and cfg.dropout > 0 and has_fused_experts(model)
+    entry = method(cfg.method)
+    split_dropout = entry.rank_adapter and cfg.dropout > 0 and has_fused_experts(model)
     model = peft.get_peft_model(model, peft_config(dataclasses.replace(cfg, dropout=0.0) if split_dropout else cfg, family))
     if split_dropout:
         import warnings
@@ -182,6 +249,6 @@ def apply_peft(model, cfg: PeftConfig, family: str, zero3: bool = False):
         restored = _restore_linear_dropout(model, cfg.dropout)
         warnings.warn(f"peft.dropout={cfg.dropout} on {restored} linear LoRA layers; the fused MoE expert "
                       "weights are adapted without dropout (peft supports none there)")
-    if zero3 and cfg.method == "dora":
-        _register_dora_base_weights(model)
+    if zero3 and entry.on_zero3 is not None:
+        entry.on_zero3(model)
     return model

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List
 
 from trainer.config import ConfigError, RootConfig, schema_choices
+from trainer.peft_methods import METHODS as PEFT_METHODS
 
 CHOICES = schema_choices()  # every setting declared with one_of (trainer/config.py): its valid values
 
@@ -245,7 +246,7 @@ def _check_peft_targets(cfg: RootConfig, problems: List[str]) -> None:
     from trainer.peft_methods import target_problem
 
     folder = _config_folder(cfg)
-    if folder is not None and cfg.peft.method in ("lora", "dora", "ia3"):
+    if folder is not None and cfg.peft.method != "none":  # a method without named targets: no check
         problem = target_problem(cfg.peft, cfg.model.family, folder, cfg.model.trust_remote_code)
         if problem:
             problems.append(problem)
@@ -329,8 +330,9 @@ def _check_reference(cfg: RootConfig, problems: List[str]) -> None:
     if o.reference == "adapters_off" and cfg.peft.method == "none":
         problems.append("objective.reference=adapters_off needs a peft method (peft=lora, ...): with full "
                         "fine-tuning there are no adapters to disable; set objective.reference=precomputed or auto")
-    if o.reference == "precomputed" and cfg.peft.method == "prefix_tuning":
-        problems.append("objective.reference=precomputed with peft.method=prefix_tuning: the virtual tokens change "
+    entry = PEFT_METHODS.get(cfg.peft.method)  # an unknown method is named by the choices check
+    if o.reference == "precomputed" and entry is not None and entry.changes_base_forward:
+        problems.append(f"objective.reference=precomputed with peft.method={cfg.peft.method}: the method changes "
                         "the model before any training; set objective.reference=adapters_off or auto")
 
 

@@ -14,6 +14,8 @@ from typing import List
 
 import numpy as np
 
+from trainer.peft_methods import METHODS as PEFT_METHODS
+
 # attn_implementation values that honour per-document position ids without a mask; the device
 # checks (flash_attention_2 needs CUDA) live in trainer/validate.py.
 ISOLATING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2")
@@ -28,9 +30,9 @@ def packing_problems(attn_implementation: str, peft_method: str, on_gpu: bool) -
     if attn_implementation == "flash_attention_2" and not on_gpu:
         problems.append("data.packing=true with model.attn_implementation=flash_attention_2 needs a CUDA GPU "
                         "(varlen kernels); on CPU use sdpa, eager or flex_attention")
-    if peft_method == "prefix_tuning":
-        problems.append("data.packing=true with peft.method=prefix_tuning: the virtual tokens are a KV cache, "
-                        "which disables the per-document attention and leaks across documents; set "
+    entry = PEFT_METHODS.get(peft_method)
+    if entry is not None and entry.no_packing:
+        problems.append(f"data.packing=true with peft.method={peft_method}: {entry.no_packing}; set "
                         "data.packing=false or use peft=lora")
     return problems
 
