@@ -361,6 +361,22 @@ def test_a_generation_slower_than_the_silence_limit_is_not_a_hang(tmp_path):
     assert "no heartbeat" not in proc.stdout and "stuck" not in proc.stdout
 
 
+def test_a_save_slower_than_the_collective_timeout_on_one_rank_is_not_a_failure(tmp_path):
+    """One rank's disk is slow: its synchronous checkpoint files take longer to write than
+    cluster.timeout_s. The other ranks wait for it in patient barriers (the process group's store,
+    polled), not in a collective that would end the job at the timeout (DeepSpeed's barrier at the
+    end of save_checkpoint did)."""
+    run_dir, timeout_s = tmp_path / "slowdisk", 15
+    started = time.time()
+    proc = run_ok(run_dir, "train.max_steps=2", "checkpoint.every_steps=2", f"cluster.timeout_s={timeout_s}",
+                  "+train.fault_injection.save_write_delay_s=8", "+train.fault_injection.save_write_delay_rank=1")
+    committed = checkpoint.committed_tags(checkpoint.checkpoint_root(run_dir))
+    print(f"slow disk on rank 1: run took {time.time() - started:.0f}s with {timeout_s}s collective timeout; "
+          f"committed {committed}")
+    assert committed == [checkpoint.tag_for(2)], proc.stdout[-3000:]
+    assert "imed out" not in proc.stdout and "stuck" not in proc.stdout
+
+
 # ---------------------------------------------------------------- asynchronous checkpoints
 def test_an_async_save_gives_the_same_run_and_stalls_training_less(reference, tmp_path):
     """checkpoint.async_save=true: the same losses, final weights and committed checkpoints as the

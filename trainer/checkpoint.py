@@ -17,6 +17,7 @@ refused before DeepSpeed, whose own loaders use `weights_only=False`, ever opens
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
@@ -36,7 +37,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from trainer.distributed import DistInfo, barrier
+from trainer.control import progress
+from trainer.distributed import DistInfo, barrier, patient_barrier
 from trainer.model import base_problem
 from trainer.peft_methods import METHODS as PEFT_METHODS
 from trainer.run_dir import RunDir
@@ -116,6 +118,7 @@ class _HashingFile:
         view = memoryview(data)
         self.digest.update(view)
         self.size += view.nbytes
+        progress()  # a large file on slow storage takes minutes: writing is not hanging
         return self.handle.write(view)
 
     def flush(self) -> None:
@@ -183,6 +186,7 @@ class _Writes:
         if self.background:
             self.queue.append((snapshot(obj), Path(path)))
         else:
+            time.sleep(self.delay_s)  # train.fault_injection.save_write_delay_s (tests): a slow disk
             save_recorded(obj, Path(path), self.records, self.folder, self.zipfile)
 
     def start(self) -> None:
@@ -492,9 +496,11 @@ def start_save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_la
     recorded = record_engine_saves(engine, writes, frozen_aliases(engine.module) if adapter_only else [])
     try:
         # The train state goes in trainer_state.json alone (at the commit), not also in DeepSpeed's
-        # client_state. `state.base` set: an adapter checkpoint, without the frozen base.
-        engine.save_checkpoint(str(root), tag=folder.name, save_latest=False,
-                               exclude_frozen_parameters=adapter_only)
+        # client_state. `state.base` set: an adapter checkpoint, without the frozen base. DeepSpeed's
+        # own barriers wait patiently: the last one follows the writes of a synchronous save.
+        with patient_deepspeed_barriers(folder.name, engine):
+            engine.save_checkpoint(str(root), tag=folder.name, save_latest=False,
+                                   exclude_frozen_parameters=adapter_only)
         writes.add(rng_state(), folder / f"rng_rank{info.rank}.pt")
     except (OSError, RuntimeError) as err:  # ENOSPC surfaces as either (torch's zip writer: RuntimeError)
         raise CheckpointError(write_failure(root, folder.name, err)) from err
@@ -521,6 +527,7 @@ class PendingSave:
     def commit(self, info: DistInfo) -> Path:
         """Wait for this rank's writes, then commit on rank 0 once every rank's are on disk."""
         self.writes.wait()
+        patient_barrier(f"{self.folder.name}/written")  # the slowest disk, then the collectives below
         root, folder = self.folder.parent, self.folder
         if self.writes.error is not None:
             problem = write_failure(root, folder.name, self.writes.error)
@@ -541,6 +548,35 @@ class PendingSave:
             rotate(root, self.keep_last)
         barrier()
         return folder
+
+
+@contextlib.contextmanager
+def patient_deepspeed_barriers(tag: str, engine):
+    """DeepSpeed's `dist.barrier()` calls inside save_checkpoint, as patient barriers (see
+    trainer.distributed.patient_barrier): its last one waits for the slowest rank's files. Under
+    ZeRO-3 a collective follows the writes before that barrier (the optimizer's checkpoint epilogue
+    gathers the persistent parameters again): every rank waits patiently before it too."""
+    from deepspeed import comm
+
+    optimizer = getattr(engine, "optimizer", None)
+    epilogue = getattr(optimizer, "checkpoint_event_epilogue", None)
+    if epilogue is not None:
+        optimizer.checkpoint_event_epilogue = lambda: (patient_barrier(f"{tag}/epilogue"), epilogue())
+    plain = comm.barrier
+
+    def barrier_of_every_rank(*args, **kwargs):
+        group = kwargs.get("group", args[0] if args else None)
+        if group is not None:  # a subgroup's barrier (not in today's save path): as DeepSpeed wrote it
+            return plain(*args, **kwargs)
+        return patient_barrier(f"{tag}/deepspeed")
+
+    comm.barrier = barrier_of_every_rank
+    try:
+        yield
+    finally:
+        comm.barrier = plain
+        if epilogue is not None:
+            del optimizer.checkpoint_event_epilogue  # the class's own method again
 
 
 def _log_stderr(message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,31 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+_patient_calls = [0]
+
+
+def patient_barrier(name: str, first_poll_s: float = 0.05, max_poll_s: float = 2.0) -> None:
+    """Wait for every rank, however long it takes, without a collective: a rank still writing a large
+    checkpoint to slow storage is not a failure, where `dist.barrier()` would end the job after
+    cluster.timeout_s. Each rank adds itself to a counter in the process group's store and polls it
+    (backing off to `max_poll_s`: 512 ranks poll rank 0's store ~256 times a second at most), telling
+    its heartbeat it is waiting, not stuck. A rank that dies ends the job through the launcher; one
+    that hangs goes silent and the watchdog names it. Every rank calls the same sequence of barriers."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from trainer.control import progress
+
+    _patient_calls[0] += 1
+    key = f"shardtune/patient/{name}/{_patient_calls[0]}"
+    store = dist.distributed_c10d._get_default_store()
+    store.add(key, 1)
+    poll_s = first_poll_s
+    while store.add(key, 0) < dist.get_world_size():
+        progress()
+        time.sleep(poll_s)
+        poll_s = min(poll_s * 1.5, max_poll_s)
 
 
 def shutdown() -> None:

@@ -13,6 +13,8 @@ of them; `*_rank` keys limit a fault to one rank (default: every rank, or rank 0
     token_delay_s                    seconds every generated token takes (a generation slower than
                                      the watchdog's silence limit, as a large model's under ZeRO-3)
     setup_delay_s, setup_delay_rank  seconds the model load takes (a large model on a slow filesystem)
+    save_write_delay_s, save_write_delay_rank
+                                     seconds before each checkpoint file is written (a slow disk)
 An empty dict (the default) injects nothing.
 """
 from __future__ import annotations
@@ -60,8 +62,12 @@ class Faults:
             time.sleep(float(self.spec["setup_delay_s"]))
 
     def save_write_delay_s(self) -> float:
-        """Seconds the background checkpoint writer waits before each file: a slow disk, so that a
-        test can kill a job while an asynchronous save is being written."""
+        """Seconds a checkpoint write waits before each file (every rank, or save_write_delay_rank): a
+        slow disk, so that a test can kill a job while an asynchronous save is being written, or make
+        one rank's synchronous save outlast the collective timeout."""
+        wanted = self.spec.get("save_write_delay_rank")
+        if wanted is not None and wanted != self.rank:
+            return 0.0
         return float(self.spec.get("save_write_delay_s") or 0.0)
 
     def token_delay_s(self) -> float:
