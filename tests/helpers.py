@@ -46,6 +46,19 @@ def train(run_dir: Path, *overrides: str, tiny: bool = True, **kwargs) -> subpro
         raise
 
 
+def run_method(root: Path, method: str, stage: int, *extra: str) -> Path:
+    """A 2-step, 2-rank run of the tiny model with peft `method` under ZeRO `stage` (final checkpoint and
+    live export); ZeRO-3 partitions every parameter, adapters included."""
+    run_dir = root / f"{method}-zero{stage}"
+    overrides = [f"peft={method}", f"deepspeed.stage={stage}", "train.max_steps=2", "optim.lr=1e-3",
+                 "data.max_seq_len=64", *extra]
+    if stage == 3:
+        overrides.append("deepspeed.stage3_param_persistence_threshold=0")
+    proc = train(run_dir, *overrides)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return run_dir
+
+
 def kill_run(run_dir: Path) -> None:
     """SIGKILL what a timed-out launch left (its ranks run in a session of their own): they would
     hold CPU and ports through every later test."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, shardtune, train
+from helpers import REPO, run_method, shardtune
 from helpers import subprocess_env as shardtune_env
 from trainer.config import PeftConfig, RootConfig
 from trainer.validate import ConfigError, validate
@@ -131,33 +131,13 @@ def test_shard_writer_splits_and_indexes(tmp_path):
 
 
 # ---------------------------------------------------------------- distributed: real DeepSpeed, 2 ranks
-def run_method(tmp_path: Path, method: str, stage: int, *extra: str) -> Path:
-    run_dir = tmp_path / f"{method}-zero{stage}"
-    overrides = [f"peft={method}", f"deepspeed.stage={stage}", "train.max_steps=2", "optim.lr=1e-3",
-                 "data.max_seq_len=64", *extra]
-    if stage == 3:
-        overrides.append("deepspeed.stage3_param_persistence_threshold=0")  # partition even the adapters
-    proc = train(run_dir, *overrides)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def method_runs(tmp_path_factory):
-    """run(method, stage): one 2-step run per method and stage for the whole module (a live export and a
-    final checkpoint), shared by the live-export and the offline-export tests."""
-    root, runs = tmp_path_factory.mktemp("methods"), {}
-
-    def run(method: str, stage: int) -> Path:
-        if (method, stage) not in runs:
-            runs[method, stage] = run_method(root, method, stage)
-        return runs[method, stage]
-    return run
+# method_runs (tests/conftest.py): one 2-step run per method and stage, shared by the whole session.
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("method", METHODS)
+# Every method under ZeRO-3 (parameters partitioned: the export must gather them, DoRA needs its base
+# weight registered) and LoRA under ZeRO-2 too; ZeRO-2's export path is the same with nothing to gather.
+@pytest.mark.parametrize("method,stage", [(m, 3) for m in METHODS] + [("lora", 2)])
 def test_method_trains_and_final_export_reloads_with_same_logits(method_runs, method, stage):
     run_dir = method_runs(method, stage)
     facts = load_and_compare(run_dir / "export", run_dir / "export_probe.pt")
