@@ -41,7 +41,7 @@ from trainer.control import progress
 from trainer.distributed import DistInfo, barrier, patient_barrier
 from trainer.model import base_problem
 from trainer.peft_methods import METHODS as PEFT_METHODS
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, write_atomic
 from trainer.train_state import FILE as TRAIN_STATE_FILE, TrainState
 
 class CheckpointError(RuntimeError):
@@ -87,15 +87,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:

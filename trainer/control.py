@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, write_atomic
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -35,8 +35,6 @@ def control_dir(run_dir: Path) -> Path:
 
 def record_exit(run_dir: Path, code: int, detail: str = "") -> None:
     """control/exit.json: how the run ended, for the launcher (atomic: a reader never sees half of it)."""
-    from trainer.checkpoint import write_atomic
-
     control_dir(run_dir).mkdir(parents=True, exist_ok=True)
     write_atomic(RunDir(run_dir).exit_record, json.dumps({"code": code, "detail": detail}))
 
@@ -52,8 +50,6 @@ def recorded_exit(run_dir: Path) -> Optional[int]:
 def record_resume_decision(run_dir: Path, resume_from: Optional[Path], universal: bool, reason: str) -> None:
     """control/resume.json: what the workers of this launch resume from (an absolute checkpoint folder,
     or null for a fresh start). Written by the launcher, the one place that decides; ranks obey it."""
-    from trainer.checkpoint import write_atomic
-
     control_dir(run_dir).mkdir(parents=True, exist_ok=True)
     decision = {"resume_from": str(resume_from) if resume_from else None, "universal": universal,
                 "reason": reason, "decided_by": launcher_identity(), "time": time.time()}

@@ -289,6 +289,16 @@ class RunDir:
         return list(_jsonl(self.table(name), problems))
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text`, or what it held before: never a part (written beside it, synced, renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
 def _jsonl(path: Path, problems: Optional[List[str]]) -> Iterator[Dict[str, Any]]:
     if not path.is_file():
         if problems is not None:
