@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n"
                                        "  shardtune eval runs/exp1\n"
-                                       "  shardtune eval runs/exp1 --tasks shardtune_general,heldout,arc_easy --limit 200\n"
+                                       "  shardtune eval runs/exp1 --tasks shardtune_general,heldout,arc_easy "
+                                       "--limit 200\n"
                                        "  shardtune eval runs/exp2 --baseline runs/exp1   # two runs, paired")
     p.add_argument("run_dir", type=Path, help="a shardtune run directory with a committed checkpoint")
     p.add_argument("--tasks", default=DEFAULT_TASKS,
@@ -50,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", nargs="+", default=None, metavar="FILE",
                    help="files for the `heldout` task instead of the run's data.eval_files")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm-eval's tasks (default: the task's own)")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="few-shot examples for lm-eval's tasks (default: the task's own)")
     p.add_argument("--batch-size", type=int, default=8, help="documents per forward pass (default 8)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): cuda when a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="auto (default): bfloat16 on cuda, float32 on cpu; both models use the same")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired difference (default 2000)")
+    p.add_argument("--bootstrap", type=int, default=2000,
+                   help="bootstrap resamples of the paired difference (default 2000)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and of lm-eval's sampling")
     return p
@@ -296,7 +299,8 @@ def write_results(run_dir: Path, summary: dict, documents: List[dict], raw: Dict
 
 def format_table(summary: dict) -> str:
     level = round(summary["settings"]["confidence"] * 100)
-    lines = [f"{'task':<22} {'metric':<14} {'n':>5}  {'baseline':>16}  {'tuned':>16}  {'difference [' + str(level) + '% CI]':>32}  verdict"]
+    difference = f"difference [{level}% CI]"
+    lines = [f"{'task':<22} {'metric':<14} {'n':>5}  {'baseline':>16}  {'tuned':>16}  {difference:>32}  verdict"]
     for r in summary["rows"]:
         arrow = "" if r["higher_is_better"] else " (lower is better)"
         lines.append(f"{r['task']:<22} {r['metric']:<14} {r['n']:>5}  {r['base']:>8.4f} ± {r['base_stderr']:<6.4f}"

@@ -20,9 +20,10 @@ from launcher.resources import CODE_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
 from trainer.run_dir import RunDir
-from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, LAUNCHER_ENV, describe_rank, describe_stragglers,
-                             HEARTBEAT_DIR_ENV, known_heartbeats, launcher_identity, likely_stuck, rank_heartbeat, read_heartbeats,
-                             record_exit, recorded_exit, request_stop, stale_ranks, write_node_summary)
+from trainer.control import (EXIT_HUNG, EXIT_OK, EXIT_RESUME_ME, HEARTBEAT_DIR_ENV, LAUNCHER_ENV, describe_rank,
+                             describe_stragglers, known_heartbeats, launcher_identity, likely_stuck, rank_heartbeat,
+                             read_heartbeats, record_exit, recorded_exit, request_stop, stale_ranks,
+                             write_node_summary)
 
 WATCH_EVERY_S = 1.0  # how often the launcher looks at the heartbeats
 # How often a node launcher copies its ranks' (node-local) heartbeats into the shared run directory,

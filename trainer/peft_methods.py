@@ -48,8 +48,9 @@ class PeftMethod:
 def _lora(cfg: PeftConfig, family: str, dora: bool):
     import peft
 
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=_targets(cfg, family),
-                           use_rslora=cfg.use_rslora, use_dora=dora, **_common(cfg))
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=_targets(cfg, family), use_rslora=cfg.use_rslora, use_dora=dora,
+                           **_common(cfg))
 
 
 def _ia3(cfg: PeftConfig, family: str):
@@ -117,7 +118,8 @@ def vllm_problem(cfg: PeftConfig) -> Optional[str]:
         return None
     reason = entry.vllm_refuses
     if reason is None and cfg.modules_to_save:
-        reason = f"peft.modules_to_save={list(cfg.modules_to_save)} adds whole trained modules, which vLLM's LoRA loader refuses"
+        reason = (f"peft.modules_to_save={list(cfg.modules_to_save)} adds whole trained modules, which vLLM's "
+                  "LoRA loader refuses")
     return reason
 
 

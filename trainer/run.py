@@ -95,8 +95,8 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     with in_setup("setup:engine"):  # may build DeepSpeed's ops (minutes on a cold cache)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config, dist_init_required=False)
-    if objective.reference == "precomputed":
-        heartbeat.beat(0, "setup:reference")  # the pass reports progress per batch  # from the weights as built: before any checkpoint is loaded
+    if objective.reference == "precomputed":  # from the weights as built: before any checkpoint is loaded
+        heartbeat.beat(0, "setup:reference")  # the pass reports progress per batch
         from trainer.distributed import sum_across_ranks
         from trainer.objectives.reference import attach_reference
 
