@@ -138,7 +138,7 @@ def test_inside_an_allocation_srun_is_given_its_cpus_per_task(tmp_path, monkeypa
     from launcher.slurm import launch_in_allocation
 
     started = []
-    monkeypatch.setattr(local, "run_workers", lambda argv, env, run_dir: started.append(argv) or 0)
+    monkeypatch.setattr(local, "run_workers", lambda argv, env, run_dir, **options: started.append(argv) or 0)
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
     monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
