@@ -80,23 +80,16 @@ def _device_and_dtype(device: str, dtype: str):
 
 def load_trained(run_dir: Path, step: Optional[int], device, dtype):
     """The run's model as trained at `step` (latest committed by default): (model, tokenizer, label)."""
-    import torch
-
-    from launcher.export_cmd import checkpoint_tensors, find_checkpoint, load_into, saved_zero_stage
+    from launcher.export_cmd import checkpoint_tensors, find_checkpoint, saved_zero_stage, trained_model
     from trainer.config import load_run_config
-    from trainer.model import base_problem, base_record, build_model, build_tokenizer
+    from trainer.model import build_tokenizer
     from trainer.train_state import TrainState
 
     cfg = load_run_config(run_dir)
     folder = find_checkpoint(run_dir, step)
     saved_base = TrainState.read(folder).base if TrainState.exists(folder) else None
-    if saved_base is not None:
-        problem = base_problem(saved_base, base_record(cfg.model, cfg.seed), "the checkpoint")
-        if problem:
-            raise SystemExit(f"shardtune eval: {problem}")
-    model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}}, device=torch.device("cpu"),
-                        seed=cfg.seed)
-    load_into(model, checkpoint_tensors(folder, saved_zero_stage(run_dir, folder)), saved_base)
+    tensors = checkpoint_tensors(folder, saved_zero_stage(run_dir, folder))
+    model = trained_model(cfg, tensors, saved_base, "shardtune eval:")
     return _ready(model, device, dtype), build_tokenizer(cfg.model), f"{run_dir.name}@{folder.name}"
 
 

@@ -141,21 +141,30 @@ def load_into(model, tensors, saved_base: Optional[dict]) -> None:
                          f"{unexplained[:8]}")
 
 
-def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, merge: bool,
-                saved_base: Optional[dict] = None) -> dict:
-    """Rebuild the peft model on CPU, load the checkpoint into it, write the adapter or merged model."""
-    from trainer.model import base_problem, base_record, build_model, build_tokenizer, model_dir
+def trained_model(cfg, tensors, saved_base: Optional[dict], who: str):
+    """The run's model rebuilt on CPU (peft applied) with the checkpoint's tensors loaded, in eval mode.
+    An adapter checkpoint (`saved_base` set) is first checked against the base it was trained on;
+    `who` prefixes the refusal ("[export]", "shardtune eval:")."""
+    from trainer.model import base_problem, base_record, build_model
 
-    if merge and peft_method(cfg.peft.method).no_merge:
-        raise SystemExit(f"--merge: {peft_method(cfg.peft.method).no_merge}; export the adapter (without --merge)")
     if saved_base is not None:
         problem = base_problem(saved_base, base_record(cfg.model, cfg.seed), "the checkpoint")
         if problem:
-            raise SystemExit(f"[export] {problem}")
+            raise SystemExit(f"{who} {problem}")
     model = build_model(cfg.model, cfg.peft, {"zero_optimization": {"stage": 0}},
                         device=torch.device("cpu"), seed=cfg.seed)
     load_into(model, tensors, saved_base)
-    model.eval()
+    return model.eval()
+
+
+def export_peft(cfg, tensors, out: Path, dtype: torch.dtype, max_bytes: int, merge: bool,
+                saved_base: Optional[dict] = None) -> dict:
+    """Rebuild the peft model on CPU, load the checkpoint into it, write the adapter or merged model."""
+    from trainer.model import build_tokenizer, model_dir
+
+    if merge and peft_method(cfg.peft.method).no_merge:
+        raise SystemExit(f"--merge: {peft_method(cfg.peft.method).no_merge}; export the adapter (without --merge)")
+    model = trained_model(cfg, tensors, saved_base, "[export]")
     tokenizer = build_tokenizer(cfg.model)
     facts: dict = {}
     if merge:

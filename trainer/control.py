@@ -338,9 +338,7 @@ def write_node_summary(run_dir: Path, folder: Path, first_rank: int, ranks: Opti
     beats = read_heartbeats(run_dir, ranks, folder)
     path = RunDir(run_dir).node_summary(first_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # no fsync: liveness, rewritten within 30 s, not a record
-    tmp.write_text(json.dumps({"host": socket.gethostname(), "time": time.time(), "ranks": beats}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"host": socket.gethostname(), "time": time.time(), "ranks": beats}))
 
 
 def stale_ranks(run_dir: Path, timeout_s: float, now: Optional[float] = None,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.control import progress
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -98,8 +100,6 @@ def patient_barrier(name: str, first_poll_s: float = 0.05, max_poll_s: float = 2
     that hangs goes silent and the watchdog names it. Every rank calls the same sequence of barriers."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    from trainer.control import progress
-
     _patient_calls[0] += 1
     key = f"shardtune/patient/{name}/{_patient_calls[0]}"
     store = dist.distributed_c10d._get_default_store()
