@@ -99,7 +99,9 @@ class DataConfig:
     on_error: str = one_of("strict", "skip", default="strict")  # strict: stop at a bad record; skip: count by reason
     num_proc: int = 1  # tokenizer worker processes
     cache_dir: Optional[str] = None  # default: $SHARDTUNE_DATA_CACHE or ~/.cache/shardtune/data
-    streaming: bool = False  # reserved; prepared data is memory-mapped, so it need not fit in RAM
+    # index the sources instead of preparing them, and tokenise each row when it is trained on: for data
+    # larger than a node's disk (uncompressed JSON lines or save_to_disk folders; SFT only)
+    streaming: bool = False
     # shuffle the train rows each epoch (seeded by seed: the same order on every run and world size)
     shuffle: bool = True
 

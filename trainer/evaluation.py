@@ -168,7 +168,9 @@ def build_evaluator(cfg: RootConfig, tokenizer, log=print) -> Evaluator:
     from trainer.data.preference import PREFERENCE_FORMATS
 
     # The general set is text or chat, read as SFT data even in a preference run.
-    general_data = replace(cfg.data, format="auto") if cfg.data.format in PREFERENCE_FORMATS else cfg.data
+    # It is small and shipped in any format: prepared into the cache even when the run streams.
+    general_data = replace(cfg.data, streaming=False,
+                           format="auto" if cfg.data.format in PREFERENCE_FORMATS else cfg.data.format)
     general = load_files(list(cfg.eval.general_files), tokenizer, general_data) if cfg.eval.general_files else None
     prompts = load_prompts(cfg)
     style = resolve_prompt_style(cfg, tokenizer)

@@ -276,8 +276,28 @@ def _check_data(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
     if any(w < 0 for w in cfg.data.weights) or (cfg.data.weights and sum(cfg.data.weights) <= 0):
         problems.append(f"data.weights={list(cfg.data.weights)} must be >= 0 with a positive sum")
     if cfg.data.streaming:
-        problems.append("data.streaming=true is not implemented; prepared data is memory-mapped from the cache "
-                        "(it need not fit in RAM): leave data.streaming=false")
+        problems.extend(_streaming_problems(cfg))
+
+
+def _streaming_problems(cfg: RootConfig) -> List[str]:
+    """data.streaming reads SFT records one at a time from uncompressed JSON lines or save_to_disk
+    folders (trainer/data/streamed.py): every other source is named before any spawn."""
+    from trainer.data import sources
+    from trainer.data.errors import DataError
+
+    if cfg.objective.name != "sft":
+        return [f"data.streaming=true with objective={cfg.objective.name}: preference data is prepared into the "
+                "cache (pairs are small); set data.streaming=false"]
+    problems = []
+    for key in ("data.train_files", "data.eval_files"):
+        for pattern in _get(cfg, key):
+            try:
+                resolved = sources.resolve(pattern)
+            except DataError:
+                continue  # no match: reported by _check_files
+            problems.extend(f"{key}: {source}: {sources.seek_problem(source)}" for source in resolved
+                            if sources.seek_problem(source))
+    return problems
 
 
 def _check_objective(cfg: RootConfig, problems: List[str]) -> None:

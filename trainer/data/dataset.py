@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trainer.config import DataConfig
-from trainer.data import cache, sources
+from trainer.data import cache, sources, streamed
 from trainer.data.errors import DataError
 from trainer.data.packing import pack
 from trainer.data.prepare import tokenize_source
@@ -24,7 +24,7 @@ HISTOGRAM_BINS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class Corpus:
-    """Several DocStores seen as one list of documents (global ids)."""
+    """Several DocStores (or StreamedStores) seen as one list of documents (global ids)."""
 
     def __init__(self, stores: Sequence[DocStore]):
         self.stores = list(stores)
@@ -109,9 +109,19 @@ def expand_files(patterns: List[str]) -> List[str]:
 
 
 def _prepare(source: sources.Source, tokenizer, cfg: DataConfig, tok_print: str, log,
-             prepare_source=tokenize_source) -> Tuple[DocStore, bool]:
-    key = cache.cache_key(sources.fingerprint(source), tok_print, cfg)
+             prepare_source=tokenize_source) -> Tuple[DocStore | streamed.StreamedStore, bool]:
+    """The source's store from the cache, prepared (or, streaming, indexed) first on a miss."""
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache.default_cache_dir()
+    if cfg.streaming:
+        if prepare_source is not tokenize_source:
+            raise DataError(str(source), "data.streaming=true reads SFT data (text, chat, prompt/completion); "
+                                         "preference data is prepared into the cache: set data.streaming=false",
+                            "not_seekable")
+        key = cache.cache_key("index:" + sources.quick_fingerprint(source), tok_print, cfg)
+        folder, hit = cache.get_or_prepare(root, key, lambda tmp: streamed.index_source(source, tokenizer, cfg, tmp),
+                                           log, check=streamed.index_problem)
+        return streamed.StreamedStore(folder, source, tokenizer, cfg), hit
+    key = cache.cache_key(sources.fingerprint(source), tok_print, cfg)
     folder, hit = cache.get_or_prepare(root, key, lambda tmp: prepare_source(source, tokenizer, cfg, tmp), log,
                                        check=store_problem)
     return DocStore(folder), hit

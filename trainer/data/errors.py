@@ -26,11 +26,14 @@ REASONS = {
     "bad_label": "a KTO label that is not a boolean",
     "too_long": "an answer longer than data.max_seq_len even with the prompt cut to nothing",
     "one_sided": "KTO data with only desirable examples",
+    # data.streaming (trainer/data/streamed.py): never skipped
+    "not_seekable": "a source that data.streaming cannot read one record at a time",
+    "source_changed": "a streamed source that changed after it was indexed",
 }
 
 
 # Problems that end the reading of a whole file: skipping "one record" would hide the loss of the rest.
-UNSKIPPABLE = ("corrupt_archive",)
+UNSKIPPABLE = ("corrupt_archive", "not_seekable", "source_changed")
 
 
 class DataError(ValueError):

@@ -24,18 +24,20 @@ CHUNK = 512  # records per tokenizer call / worker task
 _worker_state: dict = {}  # the tokenizer and settings, inherited by forked workers
 
 
-def _records_with_format(source: sources.Source, cfg: DataConfig) -> Iterator[Tuple[str, object, Optional[str]]]:
+def _records_with_format(source: sources.Source, cfg: DataConfig, located: bool = False) -> Iterator[tuple]:
     """(where, record or DataError, format): the format is data.format or detected from the first
-    record that shows one; records before that which show none are reported."""
+    record that shows one; records before that which show none are reported. `located`: each tuple
+    also carries the record's locator in the source (sources.read_located)."""
     names = formats.FieldNames(cfg.fields)
     fmt = None if cfg.format == "auto" else cfg.format
-    for where, record in sources.read(source):
+    records = sources.read_located(source) if located else ((*item, None) for item in sources.read(source))
+    for where, record, locator in records:
         if fmt is None and isinstance(record, dict):
             try:
                 fmt = formats.detect(record, names, where)
             except DataError as err:
                 record = err
-        yield where, record, fmt
+        yield (where, record, fmt, locator) if located else (where, record, fmt)
 
 
 def _needs_template(tokenizer, source: sources.Source, fmt: Optional[str]) -> None:
@@ -92,6 +94,15 @@ def _chunks(records: Iterator, size: int) -> Iterator[list]:
         if not chunk:
             return
         yield chunk
+
+
+def prepare_record(where: str, record, fmt: str, tokenizer, cfg: DataConfig):
+    """One record, alone, as process_chunk prepares it in a chunk: (ids, trained, outcome) or a DataError."""
+    prepared = _prepare_one(where, record, fmt, tokenizer, cfg)
+    if isinstance(prepared, DataError):
+        return prepared
+    ids, trained = tokenize(tokenizer, [prepared])[0]
+    return _fit(where, ids, trained, cfg)
 
 
 def tokenize_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: Path) -> dict:

@@ -136,7 +136,13 @@ def _decode(raw: bytes, where: str, first: bool):
 
 
 def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
-    number = 0
+    for where, record, _ in _read_jsonl_located(source):
+        yield where, record
+
+
+def _read_jsonl_located(source: Source) -> Iterator[Tuple[str, object, Tuple[int, int]]]:
+    """(where, record, (byte offset of the line, line number))."""
+    number, offset = 0, 0
     with _open_binary(source.path) as handle:
         lines = iter(handle)
         while True:
@@ -146,23 +152,28 @@ def _read_jsonl(source: Source) -> Iterator[Tuple[str, object]]:
                 return
             except CORRUPT_ARCHIVE as err:
                 where = f"{source.path}:{number + 1}"
-                yield where, _corrupt(source.path, where, err)
+                yield where, _corrupt(source.path, where, err), (offset, number + 1)
                 return
             number += 1
+            start, offset = offset, offset + len(raw)
             where = f"{source.path}:{number}"
             line = _decode(raw, where, first=number == 1)
-            if isinstance(line, DataError):
-                yield where, line
+            if not isinstance(line, DataError) and not line.strip():
                 continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:  # the line's own column: the newline would count as a line
-                column = min(err.pos, len(line.rstrip("\r\n"))) + 1
-                yield where, DataError(where, f"malformed JSON: {err.msg} at column {column}"
-                                              f"{' (the line ends early)' if column > len(line.rstrip()) else ''}",
-                                       "malformed_json")
+            yield where, _json_line(line, where), (start, number)
+
+
+def _json_line(line, where: str):
+    """One decoded line -> its record, or a DataError (also passed through)."""
+    if isinstance(line, DataError):
+        return line
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:  # the line's own column: the newline would count as a line
+        column = min(err.pos, len(line.rstrip("\r\n"))) + 1
+        return DataError(where, f"malformed JSON: {err.msg} at column {column}"
+                                f"{' (the line ends early)' if column > len(line.rstrip()) else ''}",
+                         "malformed_json")
 
 
 def _read_json(source: Source) -> Iterator[Tuple[str, object]]:
@@ -244,3 +255,76 @@ def _hub_dataset(source: Source):
 def _read_datasets(source: Source) -> Iterator[Tuple[str, object]]:
     for row, record in enumerate(_hub_dataset(source), start=1):
         yield f"{source}:row {row}", record
+
+
+# ---------------------------------------------------------------- one record at a time (data.streaming)
+# A streamed source is read twice: once in order to index it, then a record at a time, by its
+# locator, when training needs it: (byte offset, line number) in a JSON-lines file, (row, row) in a
+# save_to_disk folder. Compressed files cannot be entered in the middle; a hub dataset is downloaded
+# whole by `datasets` (nothing to stream from); JSON arrays, CSV and Parquet are not kept as one
+# record per seekable line or row.
+SEEKABLE = ("jsonl", "disk")
+
+
+def seek_problem(source: Source) -> str | None:
+    """Why data.streaming cannot read `source` one record at a time, or None."""
+    compressed = source.kind == "jsonl" and Path(source.path).suffix.lower() in COMPRESSIONS
+    if source.kind in SEEKABLE and not compressed:
+        return None
+    what = "a compressed file" if compressed else f"a {source.kind} source"
+    return (f"data.streaming=true reads each record from its place in the source, which {what} does not allow; "
+            "streamed sources are uncompressed JSON lines (.jsonl, .ndjson) or save_to_disk folders "
+            "(convert this one, or set data.streaming=false to prepare it into the cache)")
+
+
+def read_located(source: Source) -> Iterator[Tuple[str, object, Tuple[int, int]]]:
+    """(where, record, locator) for every record of a seekable source, in order."""
+    if source.kind == "jsonl":
+        yield from _read_jsonl_located(source)
+        return
+    for row, record in enumerate(_hub_dataset(source)):
+        yield f"{source}:row {row + 1}", record, (row, row + 1)
+
+
+class RecordReader:
+    """Reads records of one seekable source by locator; the file (or dataset) is opened on first use
+    and again after a fork (a handle's position is shared with the parent)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self._handle, self._pid = None, None
+
+    def _opened(self):
+        if self._handle is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._handle = open(self.source.path, "rb") if self.source.kind == "jsonl" else _hub_dataset(self.source)
+        return self._handle
+
+    def read(self, locator: Tuple[int, int]) -> Tuple[str, object]:
+        """(where, record or DataError) at `locator`."""
+        first, second = int(locator[0]), int(locator[1])
+        handle = self._opened()
+        if self.source.kind != "jsonl":
+            return f"{self.source}:row {second}", handle[first]
+        handle.seek(first)
+        where = f"{self.source.path}:{second}"
+        return where, _json_line(_decode(handle.readline(), where, first=second == 1), where)
+
+
+def quick_fingerprint(source: Source, sample_bytes: int = 1 << 20) -> str:
+    """A fingerprint that does not read the whole source: each file's name, size, modification time
+    and first and last `sample_bytes`. Hashing a source too large for a node's disk at every start
+    would read all of it; a record changed later is caught when it is read (its length no longer
+    matches the index)."""
+    digest = hashlib.sha256(source.kind.encode())
+    files = [source.path] if os.path.isfile(source.path) else sorted(
+        str(p) for p in Path(source.path).rglob("*") if p.is_file())
+    for name in files:
+        stat = os.stat(name)
+        digest.update(f"{os.path.relpath(name, source.path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        with open(name, "rb") as handle:
+            digest.update(handle.read(sample_bytes))
+            handle.seek(max(0, stat.st_size - sample_bytes))
+            digest.update(handle.read(sample_bytes))
+    digest.update(source.split.encode())
+    return digest.hexdigest()
