@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 # The tiny, fast setting every distributed test starts from; tests add what they exercise.
 TINY = ["train.max_steps=6", "train.micro_batch_size=2", "checkpoint.every_steps=0", "eval.baseline=false",
+        "eval.max_new_tokens=4",  # answers of a random tiny model: a few tokens show the path (2-3 s a launch less)
         "optim.warmup_steps=0", "data.max_seq_len=128", "cluster.timeout_s=120"]
 
 

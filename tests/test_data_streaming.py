@@ -1,7 +1,7 @@
 """data.streaming=true (trainer/data/streamed.py): an index instead of a prepared cache, each row
 tokenised from its source when it is read; the same rows in the same order as the map-style path.
 A streamed run stopped mid-epoch and resumed continues the map-style run's loss curve exactly:
-tests/test_foundation.py (RESUMED["zero2_streamed"])."""
+tests/test_foundation.py (RESUMED["zero3_streamed"])."""
 from __future__ import annotations
 
 import gzip
