@@ -153,7 +153,7 @@ def refuse_if_in_use(run_dir: Path, slurm: bool = False, node: Optional[str] = N
 
 
 def _task(node: DictConfig) -> int:
-    from trainer.checkpoint import CheckpointError  # here: torch is imported only by commands that train
+    from trainer.checkpoint_catalog import CheckpointError
     from trainer.pretrained import ModelSourceError
 
     hydra_cfg = HydraConfig.get()

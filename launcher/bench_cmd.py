@@ -185,9 +185,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _has_cuda() -> bool:
-    import torch
+    from launcher.devices import gpu_count
 
-    return torch.cuda.is_available()
+    return gpu_count() > 0
 
 
 def build_report(rounds: List[dict], args, world: int, threads: int) -> dict:

@@ -31,9 +31,9 @@ def has_cuda(cfg: RootConfig) -> bool:
     """Whether this launch runs on GPUs: cluster.device=cpu says no, else whether CUDA is visible here."""
     if cfg.cluster.device == "cpu":
         return False
-    import torch
+    from launcher.devices import gpu_count
 
-    return torch.cuda.is_available()
+    return gpu_count() > 0
 
 
 def add_config_options(parser) -> None:

@@ -214,7 +214,7 @@ def export_dtype(cfg, run_dir: Path, asked: str) -> str:
     facts = RunDir(run_dir).read_json(RunDir(run_dir).env) or {}
     if facts.get("device") == "cuda":
         return "bfloat16"
-    from trainer.model import model_dir
+    from trainer.model_source import model_dir
 
     try:
         published = json.loads((model_dir(cfg.model) / "config.json").read_text())
@@ -227,7 +227,7 @@ def export_dtype(cfg, run_dir: Path, asked: str) -> str:
 def refuse_unsupported_gguf(cfg) -> None:
     """Before any work: the GGUF layout of the run's architecture must be known (the error names it)."""
     from trainer.gguf_export import layout_for
-    from trainer.model import model_dir
+    from trainer.model_source import model_dir
 
     config = json.loads((model_dir(cfg.model) / "config.json").read_text())
     layout_for(config.get("model_type", "?"))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from launcher.deepspeed_launch import launch_command
-from launcher.devices import local_gpu_args, local_world
+from launcher.devices import gpu_count, local_gpu_args, local_world
 from launcher.resources import CODE_ROOT
 from trainer.allocator import preload_env
 from trainer.config import RootConfig
@@ -77,10 +77,6 @@ def local_command(cfg: RootConfig, run_dir: Path, port: int, on_gpu: bool = Fals
     return launch_command(world, 0, "127.0.0.1", port, run_dir), {}
 
 
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
@@ -88,13 +84,12 @@ def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
     that writes whole files, never a rank a library may treat as non-main): the hub download, and
     with `convert` the GGUF conversion or builtin random init. At a Slurm submission only the
     download runs (login nodes have the network; the conversion is the compute node's work)."""
+    from trainer.model_source import prepare_model
     from trainer.pretrained import ModelSourceError, is_hub_id, resolve_model_dir
 
     model = cfg.model
     try:
         if convert:
-            from trainer.model import prepare_model
-
             prepare_model(model, cfg.seed)
         elif is_hub_id(model.name_or_path):
             resolve_model_dir(model.name_or_path, model.gguf_file, model.cache_dir, model.revision, download=True)

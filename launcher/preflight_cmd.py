@@ -29,7 +29,7 @@ UNITS = {"": GB, "K": 1024, "M": 1024 ** 2, "G": GB, "T": 1024 ** 4}  # GB as th
 
 def model_config_dict(cfg: RootConfig) -> dict:
     """The model's config as a dict: config.json of a folder or builtin, or a GGUF file's metadata."""
-    from trainer.model import BUILTIN_DIR
+    from trainer.pretrained import BUILTIN_DIR
 
     name = cfg.model.name_or_path
     if name.startswith("builtin:"):
@@ -164,6 +164,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _gpu_visible() -> bool:
-    import torch
+    from launcher.devices import gpu_count
 
-    return torch.cuda.is_available()
+    return gpu_count() > 0

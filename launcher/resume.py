@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from trainer import checkpoint, universal
+from trainer import checkpoint_catalog as checkpoint  # torch-free: the launcher decides
 from trainer.config import ConfigError, RootConfig
 
 
@@ -107,6 +107,8 @@ def decide_resume(cfg: RootConfig, world: int, convert: bool = True, converts_he
     _log(reason)
     if not convert:
         return ResumeDecision(folder, True, reason)
+    from trainer import universal  # torch: only when a checkpoint is converted
+
     converted = (universal.to_universal(folder, log=_log) if converts_here
                  else universal.wait_for_universal(folder, cfg.cluster.timeout_s, log=_log))
     _set_load_universal(cfg, True)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 def ordered_samples(cfg, train_set, world: int, steps: int):
     """Our sampler's global order for `steps` steps, flattened: rank r gets the same micro-batches."""
-    from trainer.data import GlobalBatchSampler
+    from trainer.data.sampler import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(len(train_set), cfg.train.micro_batch_size, cfg.train.grad_accum, world, 0,
                                  cfg.seed, cfg.data.shuffle)
@@ -37,7 +37,8 @@ def ordered_samples(cfg, train_set, world: int, steps: int):
 def make_trainer(cfg, ds_config: dict, out: Path, steps: int, timer):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from trainer.data import build_datasets, collate
+    from trainer.data import build_datasets
+    from trainer.data.collate import collate
     from trainer.data.render import IGNORE
     from trainer.model import build_tokenizer, _create, resolve_dtype, weights_dir
 

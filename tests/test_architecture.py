@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from helpers import REPO
 
 
@@ -31,3 +33,30 @@ def test_the_run_dir_reader_skips_a_line_being_written(tmp_path):
     problems = []
     assert run.read_metrics(problems) == [{"step": 1}, {"step": 2}]
     assert problems == ["metrics.jsonl:3: unreadable line skipped"]
+
+
+def _gpu_device_nodes() -> bool:
+    import glob
+
+    from launcher.devices import GPU_DEVICE_NODES
+
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_NODES)
+
+
+@pytest.mark.skipif(_gpu_device_nodes(), reason="with a GPU here the launcher asks torch how many")
+def test_the_launcher_decides_and_writes_a_run_without_importing_torch(tmp_path):
+    """Composing, validating, the resume decision and the run directory are the torch-free contract
+    (trainer/config.py, validate.py, checkpoint_catalog.py, run_dir.py, model_source.py): a launch's
+    own process pays no torch import (1-2 s of every launch) on a machine without GPU device nodes
+    (launcher/devices.py gpu_count asks torch only where a GPU can exist)."""
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    script = ("import sys; from launcher.cli import main; "
+              f"code = main(['train', 'run.dir={tmp_path / 'run'}', 'run.launch=print']); "
+              "print('torch imported:', 'torch' in sys.modules, 'exit', code)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert "torch imported: False exit 0" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

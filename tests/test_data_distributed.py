@@ -23,7 +23,8 @@ def test_bad_input_stops_before_training_with_file_and_line(tmp_path):
 
 def test_packed_run_trains_on_the_sampled_tokens(tmp_path):
     from trainer.config import load_run_config
-    from trainer.data import GlobalBatchSampler, build_datasets
+    from trainer.data import build_datasets
+    from trainer.data.sampler import GlobalBatchSampler
     from trainer.model import build_tokenizer
 
     run, cache = tmp_path / "run", tmp_path / "cache"

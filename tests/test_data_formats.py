@@ -7,7 +7,8 @@ import re
 import pytest
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.data import build_datasets, collate, load_files
+from trainer.data import build_datasets, load_files
+from trainer.data.collate import collate
 from trainer.data.render import IGNORE
 from trainer.model import build_tokenizer
 

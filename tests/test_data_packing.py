@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import DataConfig, ModelConfig
-from trainer.data import build_datasets, collate
+from trainer.data import build_datasets
+from trainer.data.collate import collate
 from trainer.data.packing import pack, packing_problems
 from trainer.data.render import IGNORE
 from trainer.model import build_tokenizer, model_dir

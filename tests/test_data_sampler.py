@@ -1,7 +1,7 @@
 """The step-indexed sampler: resume mid-epoch sees exactly the rest; ranks see disjoint samples."""
 from __future__ import annotations
 
-from trainer.data import GlobalBatchSampler
+from trainer.data.sampler import GlobalBatchSampler
 
 
 def seen(sampler, steps):

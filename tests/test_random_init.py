@@ -66,7 +66,9 @@ def test_published_shapes_have_their_published_sizes(tmp_path, shape, billions):
 
 
 def test_no_more_local_ranks_than_gpus(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    import launcher.devices
+
+    monkeypatch.setattr(launcher.devices, "gpu_count", lambda: 1)  # the launcher's one GPU count
     cfg = RootConfig()
     cfg.run.dir, cfg.run.name, cfg.model.name_or_path = "/tmp/x", "x", "builtin:tiny-llama"
     cfg.cluster.nproc_per_node = 2

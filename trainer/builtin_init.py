@@ -12,10 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from trainer.pretrained import DEFAULT_CACHE, publish_once
-from trainer.weights import save_whole_model
 
 MARKER = ".shardtune-init.json"  # written last: the folder is complete
 
@@ -32,6 +29,10 @@ def _write_init(builtin_dir: Path, folder: Path, seed: int) -> dict:
     if is_deepspeed_zero3_enabled():  # from_config would make partitioned (empty) tensors
         raise RuntimeError("builtin model init must be made before a ZeRO-3 context is active: "
                            "call trainer.model.weights_dir() before HfDeepSpeedConfig/TrainingArguments")
+    import torch  # here, not above: the launcher finds an init made earlier without torch
+
+    from trainer.weights import save_whole_model
+
     config = AutoConfig.from_pretrained(builtin_dir)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

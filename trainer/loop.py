@@ -21,7 +21,8 @@ import torch
 from trainer import checkpoint
 from trainer.config import RootConfig
 from trainer.control import EXIT_NONFINITE, EXIT_OK, EXIT_RESUME_ME, Heartbeat, StopRequest
-from trainer.data import GlobalBatchSampler, TokenizedDataset
+from trainer.data import TokenizedDataset
+from trainer.data.sampler import GlobalBatchSampler
 from trainer.data.collate import row_width
 from trainer.objectives import SFT
 from trainer.faults import Faults

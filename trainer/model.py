@@ -15,34 +15,10 @@ from typing import Any, Dict, Tuple
 import torch
 
 from trainer.config import ModelConfig, PeftConfig
+from trainer.model_source import init_seed, model_dir, prepare_model, weights_dir  # noqa: F401
+from trainer.pretrained import BUILTIN_DIR  # noqa: F401
 
-BUILTIN_DIR = Path(__file__).parent / "builtin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_dir(cfg: ModelConfig) -> Path:
-    """The local folder holding the model's config and tokenizer (converting GGUF once if needed)."""
-    name = cfg.name_or_path
-    if name.startswith("builtin:"):
-        path = BUILTIN_DIR / name.split(":", 1)[1]
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.name_or_path={name!r}: no builtin model at {path}")
-        return path
-    from trainer.pretrained import resolve_model_dir
-
-    return resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir, cfg.revision)
-
-
-def prepare_model(cfg: ModelConfig, seed: int) -> Path:
-    """Make the model's folder ready on this node before any rank needs it (the launcher calls it,
-    a process that writes whole files): a hub download, a GGUF conversion, a builtin's random init.
-    The ranks then only find it (`model_dir`, `weights_dir`)."""
-    name = cfg.name_or_path
-    if not name.startswith("builtin:"):
-        from trainer.pretrained import resolve_model_dir
-
-        resolve_model_dir(name, cfg.gguf_file, cfg.cache_dir, cfg.revision, download=True)
-    return weights_dir(cfg, seed)
 
 
 def resolve_dtype(cfg: ModelConfig, on_gpu: bool) -> torch.dtype:
@@ -61,15 +37,6 @@ def build_tokenizer(cfg: ModelConfig):
         tokenizer.pad_token = tokenizer.eos_token
     apply_template_override(tokenizer, cfg.chat_template)
     return tokenizer
-
-
-def weights_dir(cfg: ModelConfig, seed: int) -> Path:
-    """The folder to load weights from: the model's own, or a builtin model's seeded random init."""
-    if cfg.name_or_path.startswith("builtin:") and not cfg.random_init:
-        from trainer.builtin_init import materialize
-
-        return materialize(model_dir(cfg), init_seed(cfg, seed), cfg.cache_dir)
-    return model_dir(cfg)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -113,10 +80,6 @@ def base_problem(saved: Dict[str, Any], now: Dict[str, Any], what: str) -> str |
             f"{' and '.join(differ)}: {now.get('model')!r} revision {now.get('revision')}; weight files "
             f"(name, size:sample) differing: {changed}. Point model.name_or_path (and model.revision) at the base "
             "it was trained on; a run that must outlive its base saves it too (checkpoint.save_frozen_base=true)")
-
-
-def init_seed(cfg: ModelConfig, seed: int) -> int:
-    return cfg.init_seed if cfg.init_seed is not None else seed
 
 
 def _create(cfg: ModelConfig, source: Path, dtype: torch.dtype, seed: int = 0, device=None):

