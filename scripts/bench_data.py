@@ -1,5 +1,6 @@
-"""Data pipeline benchmark: tokenization + packing throughput, cold and from cache, and packing
-efficiency against padding, on a generated chat dataset (default 100 k samples).
+"""Data pipeline benchmark: tokenization + packing throughput, cold and from cache, packing
+efficiency against padding, and data.streaming (index build, its size against the prepared store,
+the cost of a row read and tokenised on the fly), on a generated chat dataset (default 100 k samples).
 
     .venv/bin/python scripts/bench_data.py [--samples 100000] [--num-proc 2] [--max-seq-len 1024]
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--read-rows", type=int, default=2000, help="random rows read, streamed and prepared")
     args = parser.parse_args()
     from trainer.config import DataConfig, ModelConfig
     from trainer.data import build_datasets
@@ -101,6 +103,41 @@ def main() -> None:
           f"(non-pad fill {100 * stats['tokens'] / pad_batch:.1f} %)")
     print(f"  padded to max_seq_len:                {100 * trained / pad_max:5.1f} %")
     print(f"packing needs {pad_batch / stats['packing']['slots']:.2f}x fewer slots than per-batch padding")
+    bench_streaming(data, work, tokenizer, args, packed)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def bench_streaming(data: Path, work: Path, tokenizer, args, prepared) -> None:
+    """data.streaming=true on the same file: the index pass, its size, and rows read on the fly."""
+    from trainer.config import DataConfig
+    from trainer.data import build_datasets
+
+    cfg = DataConfig(train_files=[str(data)], cache_dir=str(work / "streamed"), max_seq_len=args.max_seq_len,
+                     packing=True, num_proc=args.num_proc, streaming=True)
+    started = time.perf_counter()
+    streamed, _ = build_datasets(cfg, tokenizer)
+    index_s = time.perf_counter() - started
+    index_bytes = folder_bytes(streamed.corpus.stores[0].folder)
+    store_bytes = folder_bytes(prepared.corpus.stores[0].folder)
+    print(f"streaming: index built in {index_s:.2f} s; index {index_bytes / 1e6:.2f} MB vs prepared store "
+          f"{store_bytes / 1e6:.2f} MB ({store_bytes / index_bytes:.1f}x smaller; "
+          f"{index_bytes / len(streamed.corpus):.0f} bytes per document)")
+    rows = np.random.default_rng(1).choice(len(prepared), min(args.read_rows, len(prepared)), replace=False)
+    timings = {}
+    for label, dataset in (("prepared (memory-mapped)", prepared), ("streamed (read + tokenise)", streamed)):
+        started = time.perf_counter()
+        read = [dataset[int(i)] for i in rows]
+        timings[label] = (time.perf_counter() - started) / len(rows)
+        timings[label + " rows"] = read
+    same = sum(a == b for a, b in zip(timings["prepared (memory-mapped) rows"], timings["streamed (read + tokenise) rows"]))
+    documents = sum(len(prepared.rows[int(i)]) for i in rows)
+    for label in ("prepared (memory-mapped)", "streamed (read + tokenise)"):
+        print(f"  {label:<27} {1e3 * timings[label]:7.3f} ms per packed row "
+              f"({documents / len(rows):.1f} documents a row)")
+    print(f"  identical rows: {same} of {len(rows)}")
 
 
 if __name__ == "__main__":
