@@ -138,6 +138,22 @@ def bench_streaming(data: Path, work: Path, tokenizer, args, prepared) -> None:
         print(f"  {label:<27} {1e3 * timings[label]:7.3f} ms per packed row "
               f"({documents / len(rows):.1f} documents a row)")
     print(f"  identical rows: {same} of {len(rows)}")
+    # A step of 8 micro-batches: its rows read in place, or read ahead (the loop's prefetch) during
+    # the step before, whose compute is stood in for by a sleep (GPU work releases the GIL).
+    step_rows, compute_s = [[int(i) for i in rows[k:k + 8 * args.micro_batch]]
+                            for k in range(0, len(rows), 8 * args.micro_batch)], 0.2
+    waits = {"in place": [], "read ahead": []}
+    for ahead in (False, True):
+        for current, upcoming in zip(step_rows, step_rows[1:]):
+            if ahead:
+                streamed.prefetch(upcoming)
+            time.sleep(compute_s)
+            started = time.perf_counter()
+            _ = [streamed[i] for i in upcoming]
+            waits["read ahead" if ahead else "in place"].append(time.perf_counter() - started)
+    for label, values in waits.items():
+        print(f"  loop waits per step of {8 * args.micro_batch} rows, {label}: {1e3 * np.median(values):7.1f} ms "
+              f"(median of {len(values)}; {1e3 * compute_s:.0f} ms of compute between steps)")
 
 
 if __name__ == "__main__":

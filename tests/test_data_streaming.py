@@ -62,6 +62,18 @@ def test_streaming_reads_the_same_rows_as_the_prepared_cache(tok, tmp_path, name
         assert_same_rows(held_out, s_held_out)
 
 
+def test_rows_read_ahead_in_the_background_are_the_rows_read_in_place(tok, tmp_path):
+    """The loop asks for the next step's rows ahead (TokenizedDataset.prefetch): a streamed row's read
+    and tokenisation then overlap the step before it."""
+    (train, _), (s_train, _) = both(tok, tmp_path, train_files=["samples/chat/train.jsonl"], packing=True,
+                                    max_seq_len=256)
+    s_train.prefetch(range(12))
+    assert len(s_train._ahead) == 12
+    assert [s_train[i] for i in range(12)] == [train[i] for i in range(12)] and not s_train._ahead
+    train.prefetch(range(12))  # prepared rows are memory-mapped: nothing to read ahead
+    assert not train._ahead and not train.streamed and s_train.streamed
+
+
 def test_a_save_to_disk_folder_streams_by_row(tok, tmp_path):
     import datasets
 

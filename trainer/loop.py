@@ -102,6 +102,8 @@ def train_step(ctx: TrainContext, step: int) -> Dict[str, Any]:
     scale = info.world_size * cfg.train.grad_accum / global_units  # undo DeepSpeed's mean over ranks and accum
     local_sum, local_nonfinite, local_totals = 0.0, False, {}
     micro_batches = ctx.sampler.micro_batches(step)
+    if step + 1 < cfg.train.max_steps:  # streamed rows: the next step's are read while this one computes
+        ctx.train_set.prefetch([i for chunk in ctx.sampler.micro_batches(step + 1) for i in chunk])
     faults = ctx.faults
     faults.maybe_pause(step + 1, ctx.heartbeat, ctx.stop)
     for accum, indices in enumerate(micro_batches):

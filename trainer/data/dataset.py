@@ -7,6 +7,7 @@ ds.label_tokens(i) -> tokens of row i that carry a loss.
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -48,11 +49,32 @@ class TokenizedDataset:
         self.corpus, self.rows, self.packed, self.max_seq_len = corpus, rows, packed, max_seq_len
         self.report = report or {}
         self._label_tokens = np.asarray([int(corpus.label_counts[r].sum()) for r in rows], dtype=np.int64)
+        self._ahead: Dict[int, Future] = {}  # rows being read in the background (streamed data)
+        self._reader: Optional[ThreadPoolExecutor] = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def streamed(self) -> bool:
+        """Rows are read and tokenised from their sources when asked for (data.streaming)."""
+        return any(isinstance(store, streamed.StreamedStore) for store in self.corpus.stores)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start reading rows `indices` in a background thread, so that a streamed row's read and
+        tokenisation (milliseconds) overlap the step before it; the loop asks for the next step's rows.
+        A no-op for prepared rows (memory-mapped: microseconds)."""
+        if not self.streamed:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="row-prefetch")
+        self._ahead = {i: self._ahead.get(i) or self._reader.submit(self._read, i) for i in indices}
+
     def __getitem__(self, index: int) -> Dict[str, List[int]]:
+        ahead = self._ahead.pop(index, None)
+        return ahead.result() if ahead is not None else self._read(index)
+
+    def _read(self, index: int) -> Dict[str, List[int]]:
         ids, labels, positions = [], [], []
         for doc_id in self.rows[index]:
             doc_ids, trained = self.corpus.doc(int(doc_id))

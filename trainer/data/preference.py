@@ -238,6 +238,9 @@ class PreferenceDataset:
         self.desirable = (np.concatenate([np.load(s.folder / "labels.npy") for s in corpus.stores]).astype(bool)
                           if kind == KTO and corpus.stores else np.zeros(0, bool))
 
+    def prefetch(self, indices) -> None:
+        """Nothing to read ahead: preference data is prepared into the cache, never streamed."""
+
     def __len__(self) -> int:
         return len(self.units)
 

@@ -20,6 +20,7 @@ its file and line.
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
@@ -97,13 +98,17 @@ class StreamedStore:
         index = np.fromfile(self.folder / INDEX, dtype=np.int64).reshape(-1, FIELDS)
         self.locators, self.lengths, self.label_counts = index[:, :2], index[:, 2], index[:, 3]
         self.reader = sources.RecordReader(source)
+        # One read at a time: a row prefetched in the background (TokenizedDataset.prefetch) and one
+        # read by the loop share the file's position and the tokenizer.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def doc(self, index: int):
-        where, record = self.reader.read(self.locators[index])
-        result = prepare.prepare_record(where, record, self.meta["format"], self.tokenizer, self.cfg)
+        with self._lock:
+            where, record = self.reader.read(self.locators[index])
+            result = prepare.prepare_record(where, record, self.meta["format"], self.tokenizer, self.cfg)
         if isinstance(result, DataError) or result[0] is None or len(result[0]) != self.lengths[index]:
             found = result.problem if isinstance(result, DataError) else (
                 "dropped" if result[0] is None else f"{len(result[0])} tokens")
