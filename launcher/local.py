@@ -77,8 +77,6 @@ def local_command(cfg: RootConfig, run_dir: Path, port: int, on_gpu: bool = Fals
     return launch_command(world, 0, "127.0.0.1", port, run_dir), {}
 
 
-
-
 def prepare_model_source(cfg: RootConfig, convert: bool = True) -> None:
     """Have the model's folder ready on this node before any rank starts, made by this process (one
     that writes whole files, never a rank a library may treat as non-main): the hub download, and

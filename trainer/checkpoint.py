@@ -278,6 +278,7 @@ def check_finite_files(paths: List[Path]) -> Optional[str]:
     return None
 
 
+# ---------------------------------------------------------------- save and load
 def save(engine, run_dir: Path, state: TrainState, info: DistInfo, keep_last: int,
          check_finite: bool = True) -> Path:
     """Write a checkpoint for `state.step` on every rank, commit it on rank 0, then rotate old ones.

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from trainer.peft_methods import METHODS as PEFT_METHODS
-from trainer.run_dir import write_atomic
-from trainer.run_dir import RunDir
+from trainer.run_dir import RunDir, write_atomic
 from trainer.train_state import FILE as TRAIN_STATE_FILE, TrainState
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that must not be loaded or committed; the message names the file."""
@@ -191,7 +191,7 @@ def layout_problem(saved: Dict[str, Any], cfg, folder: Path) -> Optional[str]:
             "model.name_or_path at the export")
 
 
-# ---------------------------------------------------------------- save and load
+# ---------------------------------------------------------------- what is kept: the base, rotation, disk space
 def holds_frozen_base(cfg) -> bool:
     """Whether this run's checkpoints hold the frozen base weights. An adapter's do not (a LoRA
     checkpoint of an 8B base would otherwise rewrite 16 GB of unchanged weights at every save): its
