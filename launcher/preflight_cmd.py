@@ -52,8 +52,10 @@ def plan(cfg: RootConfig, on_gpu: bool) -> Tuple[Setup, Estimate, object]:
         lora = {"r": cfg.peft.r, "targets": targets if isinstance(targets, str) else list(targets)}
     threshold = cfg.deepspeed.stage3_param_persistence_threshold
     config = model_config_dict(cfg)
+    # Any peft method: its trainable parameters counted on the model as peft wraps it (meta device)
+    adapter = peft_method(cfg.peft.method).build(cfg.peft, cfg.model.family) if cfg.peft.method != "none" else None
     shape, trainable, persistent = shape_from_config_dict(
-        config, lora, DS_PERSISTENCE_THRESHOLD if threshold is None else threshold)
+        config, lora, DS_PERSISTENCE_THRESHOLD if threshold is None else threshold, adapter=adapter)
     setup = setup_from_config(cfg, on_gpu, trainable, persistent, shape)
     if lora is not None and cfg.peft.dropout > 0:
         setup = replace(setup, lora_dropout_values=lora_dropout_values(config, lora["targets"]))

@@ -104,6 +104,28 @@ def test_shape_of_the_builtin_tiny_llama_and_its_lora():
     assert lora_dropout_values(config, "all-linear") == 2 * (6 * 128 + 352)
 
 
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix_tuning"])
+def test_preflight_counts_each_peft_methods_trainable_parameters_as_peft_makes_them(tmp_path, method):
+    """Preflight counts on the meta device what the run trains: the same number as peft's own count
+    on the real tiny model (IA3 and prefix tuning were counted as full fine-tuning before)."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.compose import compose
+    from launcher.preflight_cmd import plan
+    from trainer.model import weights_dir
+    from trainer.peft_methods import method as peft_method
+
+    cfg = compose([f"peft={method}", f"run.dir={tmp_path / 'run'}"], validate_files=False)
+    setup, _, shape = plan(cfg, on_gpu=False)
+    model = AutoModelForCausalLM.from_pretrained(weights_dir(cfg.model, cfg.seed), dtype=torch.float32)
+    wrapped = peft.get_peft_model(model, peft_method(method).build(cfg.peft, cfg.model.family))
+    trainable, _ = wrapped.get_nb_trainable_parameters()
+    print(f"{method}: preflight {setup.trainable:,} trainable of {shape.params:,}, peft {trainable:,}")
+    assert setup.trainable == trainable < shape.params
+
+
 def test_shape_of_an_architecture_without_intermediate_size():
     """GPT-2 names its MLP width n_inner (None: 4 x hidden); preflight must not trip over it."""
     config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100, "n_positions": 64}

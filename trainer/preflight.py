@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from trainer.flops import ModelShape, flops_per_token
 
@@ -182,13 +182,17 @@ def estimate(shape: ModelShape, s: Setup, runtime_bytes: Optional[int] = None) -
 # ---- from a shardtune config ---------------------------------------------------------------------
 
 def shape_from_config_dict(config: dict, lora: Optional[dict] = None,
-                           persistence_threshold: int = DS_PERSISTENCE_THRESHOLD) -> Tuple[ModelShape, int, int]:
+                           persistence_threshold: int = DS_PERSISTENCE_THRESHOLD,
+                           adapter: Any = None) -> Tuple[ModelShape, int, int]:
     """(shape, trainable parameters, persistent parameters) of a Hugging Face config, without weights.
 
     Args:
         config: the model's config.json as a dict.
         lora: {"r": int, "targets": "all-linear" | [names]} for LoRA, else None.
         persistence_threshold: ZeRO-3 keeps parameters with fewer elements than this whole.
+        adapter: a peft config object (any method, as the run builds it): the trainable and persistent
+            parameters are then counted on the wrapped model, on the meta device (no memory), exactly
+            as peft makes them: DoRA's magnitudes, IA3's vectors, prefix tuning's prefixes included.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -210,7 +214,15 @@ def shape_from_config_dict(config: dict, lora: Optional[dict] = None,
                        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, hidden=c.hidden_size,
                        intermediate=_intermediate_size(c), vocab=c.vocab_size, largest_layer_params=largest)
     trainable = total
-    if lora is not None:
+    if adapter is not None:
+        import peft
+
+        with torch.device("meta"):
+            wrapped = peft.get_peft_model(model, adapter)
+        params = {id(p): p for p in wrapped.parameters()}
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        persistent = sum(p.numel() for p in params.values() if p.numel() < persistence_threshold)
+    elif lora is not None:
         trainable = lora_parameters(model, lora["r"], lora["targets"])
         persistent = sum(p.numel() for p in params.values() if p.numel() < persistence_threshold)
         persistent += trainable if lora["r"] * 2 * shape.hidden < persistence_threshold else 0
