@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+POLL_S = 0.1  # how often the per-node launcher looks at its ranks (DeepSpeed's own: 1 s)
+
 
 def world_info(world: Dict[str, List[int]]) -> str:
     """The encoding deepspeed.launcher.launch decodes (urlsafe base64 of the JSON {host: [ids]})."""
@@ -43,6 +45,12 @@ if __name__ == "__main__":
 
     import trainer  # noqa: F401  installs the mlflow deferral before deepspeed is imported
 
+    # DeepSpeed's launcher checks its ranks once a second (time.sleep(1) in its loop), so every job
+    # ended up to 1 s after its last rank. This process only spawns and waits: poll every 0.1 s.
+    import time
+
+    _sleep = time.sleep
+    time.sleep = lambda seconds: _sleep(min(seconds, POLL_S))
     sys.argv[0] = "deepspeed.launcher.launch"
     runpy.run_module("deepspeed.launcher.launch", run_name="__main__", alter_sys=True)
     # Every rank exited cleanly (a failure exits inside): skip the teardown of DeepSpeed's and torch's
