@@ -105,24 +105,38 @@ def prepare_record(where: str, record, fmt: str, tokenizer, cfg: DataConfig):
     return _fit(where, ids, trained, cfg)
 
 
+def source_records(source: sources.Source, tokenizer, cfg: DataConfig,
+                   located: bool = False) -> Tuple[Iterator, Optional[str]]:
+    """(records for `processed`, the format they are read as) of one source, its chat template checked
+    against the format; `located` as in _records_with_format. Sets the state forked workers inherit."""
+    _worker_state.update(tokenizer=tokenizer, cfg=cfg)
+    records = _records_with_format(source, cfg, located)
+    first = next(records, None)
+    if first is None:
+        return iter(()), None
+    _needs_template(tokenizer, source, first[2])
+    return _prepend(first, records), first[2]
+
+
+def source_meta(source: sources.Source, documents: int, tokens: int, counts: Counter, skipped: Counter) -> dict:
+    """The counts a prepared (or indexed) source records: documents kept, tokens, skipped by reason,
+    truncated, dropped by reason (`counts`: outcomes of _fit)."""
+    return {"source": str(source), "documents": documents, "tokens": tokens, "skipped": dict(skipped),
+            "truncated": counts["truncated"],
+            "dropped": {k: counts[k] for k in ("dropped_too_long", "dropped_no_trained_token_left") if counts[k]}}
+
+
 def tokenize_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: Path) -> dict:
     """Write `source` as a DocStore into `folder`; returns its meta (counts). Raises DataError in
     strict mode at the first bad record."""
-    _worker_state.update(tokenizer=tokenizer, cfg=cfg)
-    records = _records_with_format(source, cfg)
-    first = next(records, None)
-    if first is not None:
-        _needs_template(tokenizer, source, first[2])
-        records = _prepend(first, records)
+    records, _ = source_records(source, tokenizer, cfg)
     writer = StoreWriter(folder)
     counts, skipped = Counter(), Counter()
     for ids, trained, outcome in processed(process_chunk, records, cfg, skipped):
         counts[outcome] += 1
         if ids is not None:
             writer.add(ids, trained)
-    meta = {"source": str(source), "documents": len(writer.offsets) - 1, "tokens": writer.offsets[-1],
-            "skipped": dict(skipped), "truncated": counts["truncated"],
-            "dropped": {k: counts[k] for k in ("dropped_too_long", "dropped_no_trained_token_left") if counts[k]}}
+    meta = source_meta(source, len(writer.offsets) - 1, writer.offsets[-1], counts, skipped)
     writer.close(meta)
     return meta
 

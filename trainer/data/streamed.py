@@ -48,13 +48,7 @@ def index_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: Pat
     problem = sources.seek_problem(source)
     if problem:
         raise DataError(str(source), problem, "not_seekable")
-    prepare._worker_state.update(tokenizer=tokenizer, cfg=cfg)
-    records = prepare._records_with_format(source, cfg, located=True)
-    first = next(records, None)
-    fmt = first[2] if first is not None else None
-    if first is not None:
-        prepare._needs_template(tokenizer, source, fmt)
-        records = prepare._prepend(first, records)
+    records, fmt = prepare.source_records(source, tokenizer, cfg, located=True)
     folder.mkdir(parents=True, exist_ok=True)
     counts, skipped, rows, documents, tokens = Counter(), Counter(), [], 0, 0
     with open(folder / INDEX, "wb") as out:
@@ -69,9 +63,7 @@ def index_source(source: sources.Source, tokenizer, cfg: DataConfig, folder: Pat
                 np.asarray(rows, dtype=np.int64).tofile(out)
                 rows.clear()
         np.asarray(rows, dtype=np.int64).reshape(-1, FIELDS).tofile(out)
-    meta = {"source": str(source), "streamed": True, "format": fmt, "documents": documents, "tokens": tokens,
-            "skipped": dict(skipped), "truncated": counts["truncated"],
-            "dropped": {k: counts[k] for k in ("dropped_too_long", "dropped_no_trained_token_left") if counts[k]}}
+    meta = {**prepare.source_meta(source, documents, tokens, counts, skipped), "streamed": True, "format": fmt}
     (folder / META).write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
